@@ -1,0 +1,1 @@
+"""tf.distribute integration. Private Keras/TF API is confined to _keras_hooks."""

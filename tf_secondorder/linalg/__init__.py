@@ -1,0 +1,17 @@
+"""Pure tensor functions for second-order optimizers (no Keras here)."""
+
+from tf_secondorder.linalg.blocking import BlockPartitioner, merge_dims, split_sizes
+from tf_secondorder.linalg.roots import (
+    ROOT_METHODS,
+    inverse_pth_root,
+    resolve_root_method,
+)
+
+__all__ = [
+    "BlockPartitioner",
+    "ROOT_METHODS",
+    "inverse_pth_root",
+    "merge_dims",
+    "resolve_root_method",
+    "split_sizes",
+]

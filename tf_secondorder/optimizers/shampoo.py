@@ -1,0 +1,429 @@
+"""Blocked, grafted Shampoo with roots recomputed every N steps."""
+
+import keras
+import tensorflow as tf
+
+from tf_secondorder.distribute._keras_hooks import StepHooks
+from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
+from tf_secondorder.optimizers import _validate
+from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
+
+GRAFTING_TYPES = ("sgd", "adagrad", "rmsprop", "adam", None)
+STATISTICS_DTYPES = (None, "float32", "bfloat16")
+
+
+@keras.saving.register_keras_serializable(package="tf_secondorder")
+class Shampoo(StepHooks, keras.optimizers.Optimizer):
+    """Blocked Shampoo with grafting, momentum and decoupled weight decay.
+
+    Each parameter is reshaped (size-1 dims squeezed, adjacent small dims
+    merged while their product is at most `block_size`) and cut into blocks of
+    at most `block_size` per side. For a block G of order k, each dimension i
+    (of length at most `max_preconditioned_dim`) keeps a statistic
+
+        S_i ← β2·S_i + (1 − β2)·G_(i) G_(i)ᵀ       (β2 = 1: a plain sum)
+
+    where G_(i) is G unfolded along dimension i. At steps `start`,
+    `start + N`, `start + 2N`, ... (N = `precondition_frequency`) every
+    preconditioner is recomputed as P_i = (S_i + ε·λ_max(S_i)·I)^(−1/p) with
+    p = 2k (or `exponent_override`), batched over blocks of equal size; a new
+    root that is non-finite or inaccurate is rejected, the previous one kept
+    and `root_failures` incremented. The step is then
+
+        D = G ×_1 P_1 ×_2 P_2 ... ×_k P_k          (from step `start` on)
+        D ← D · ‖U‖ / (‖D‖ + 1e−16)                (grafting, per block)
+        m ← β1·m + (1 − β1)·D;  θ ← θ − lr · m / (1 − β1^t)
+
+    where U is the grafting optimizer's update for the block (`"sgd"`: G;
+    `"adagrad"`: G/(√Σg² + ε_g); `"rmsprop"`: G/(√v + ε_g) with
+    v ← β2·v + (1 − β2)·g²; `"adam"`: the same with v bias-corrected; with
+    β2 = 1 these accumulate sums). Before `start`, D = U. With Nesterov the
+    last line uses β1·m + (1 − β1)·D. Weight decay is Keras's decoupled one.
+    Gradients with NaN/Inf leave the variable and all its state unchanged.
+
+    Args:
+        learning_rate: float, schedule or callable. Defaults to `0.001`.
+        beta1: momentum of the update, in `[0, 1)`. Defaults to `0.9`.
+        beta2: decay of the statistics, in `(0, 1]`. Defaults to `0.999`.
+        epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-12`.
+        block_size: longest block side. Defaults to `1024`.
+        precondition_frequency: steps between root refreshes. Defaults to `100`.
+        start_preconditioning_step: first preconditioned step (1-based);
+            `None` means `precondition_frequency`.
+        grafting: `"sgd"`, `"adagrad"`, `"rmsprop"`, `"adam"` or `None`.
+        grafting_epsilon: ε_g of the grafting optimizer. Defaults to `1e-8`.
+        nesterov: Nesterov momentum. Defaults to `False`.
+        exponent_override: integer p replacing 2k in the roots.
+        max_preconditioned_dim: dimensions longer than this (after merging)
+            are not preconditioned, e.g. a vocabulary. `None`: no limit.
+        root_method: `"eigh"`, `"coupled_newton"` or `"auto"` (coupled Newton
+            on TPU, eigh elsewhere).
+        statistics_dtype: `None`/`"float32"`, or `"bfloat16"` to store the
+            statistics in half the memory (updated with stochastic rounding,
+            so small EMA increments are not lost).
+        distribute_roots: `"auto"`, `True` or `False`. Roots are computed once
+            per step in cross-replica context and broadcast to the replicas of
+            a host, so no replica repeats another's work; splitting them
+            across hosts is not implemented yet.
+        weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
+        ema_momentum, ema_overwrite_frequency, loss_scale_factor,
+        gradient_accumulation_steps, name: as for every
+            `keras.optimizers.Optimizer`.
+
+    References:
+        - Gupta, Koren, Singer (2018). Shampoo: Preconditioned Stochastic
+          Tensor Optimization. arXiv:1802.09568.
+        - Anil, Gupta, Koren, Regan, Singer (2020). Scalable Second Order
+          Optimization for Deep Learning. arXiv:2002.09018.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.001,
+        beta1=0.9,
+        beta2=0.999,
+        epsilon=1e-12,
+        block_size=1024,
+        precondition_frequency=100,
+        start_preconditioning_step=None,
+        grafting="adam",
+        grafting_epsilon=1e-8,
+        nesterov=False,
+        exponent_override=None,
+        max_preconditioned_dim=None,
+        root_method="auto",
+        statistics_dtype=None,
+        distribute_roots="auto",
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="shampoo",
+        **kwargs,
+    ):
+        _validate.learning_rate(learning_rate)
+        super().__init__(
+            learning_rate=learning_rate,
+            name=name,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            **kwargs,
+        )
+        self.beta1 = _validate.in_range("beta1", beta1, 0.0, 1.0, high_open=True)
+        self.beta2 = _validate.in_range("beta2", beta2, 0.0, 1.0, low_open=True)
+        self.epsilon = _validate.in_range("epsilon", epsilon, 0.0, None)
+        self.block_size = _validate.integer("block_size", block_size, 1)
+        self.precondition_frequency = _validate.integer(
+            "precondition_frequency", precondition_frequency, 1
+        )
+        self.start_preconditioning_step = _validate.integer(
+            "start_preconditioning_step", start_preconditioning_step, 1, optional=True
+        )
+        self.grafting = _validate.choice("grafting", grafting, GRAFTING_TYPES)
+        self.grafting_epsilon = _validate.in_range(
+            "grafting_epsilon", grafting_epsilon, 0.0, None
+        )
+        self.nesterov = _validate.boolean("nesterov", nesterov)
+        self.exponent_override = _validate.integer(
+            "exponent_override", exponent_override, 1, optional=True
+        )
+        self.max_preconditioned_dim = _validate.integer(
+            "max_preconditioned_dim", max_preconditioned_dim, 1, optional=True
+        )
+        self.root_method = _validate.choice(
+            "root_method", root_method, ("auto", "eigh", "coupled_newton")
+        )
+        self.statistics_dtype = _validate.choice(
+            "statistics_dtype", statistics_dtype, STATISTICS_DTYPES
+        )
+        self.distribute_roots = _validate.choice(
+            "distribute_roots", distribute_roots, ("auto", True, False)
+        )
+
+    @property
+    def start_step(self):
+        if self.start_preconditioning_step is None:
+            return self.precondition_frequency
+        return self.start_preconditioning_step
+
+    @property
+    def root_failures(self):
+        """Number of rejected roots so far (a variable; saved with the state)."""
+        return self._root_failures
+
+    @property
+    def nonfinite_steps(self):
+        """Number of steps that had a NaN/Inf gradient (skipped for those vars)."""
+        return self._nonfinite_steps
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._layout = ShampooLayout(
+            [v.shape for v in var_list],
+            self.block_size,
+            self.max_preconditioned_dim,
+            self.exponent_override,
+        )
+        stats_dtype = self.statistics_dtype or "float32"
+        self._statistics = []
+        self._preconditioners = []
+        for factor in self._layout.factors:
+            prefix = _slot_prefix(var_list[factor.variable])
+            self._statistics.append(
+                self.add_variable(
+                    (factor.size, factor.size),
+                    initializer="zeros",
+                    dtype=stats_dtype,
+                    name=f"{prefix}_statistics_{factor.tag}",
+                )
+            )
+            self._preconditioners.append(
+                self.add_variable(
+                    (factor.size, factor.size),
+                    initializer="identity",
+                    dtype="float32",
+                    name=f"{prefix}_preconditioner_{factor.tag}",
+                )
+            )
+        self._grafting_accumulators = []
+        if self.grafting in ("adagrad", "rmsprop", "adam"):
+            self._grafting_accumulators = self.add_optimizer_variables(
+                var_list, "grafting_accumulator"
+            )
+        self._momentums = []
+        if self.beta1 > 0:
+            self._momentums = self.add_optimizer_variables(var_list, "momentum")
+        self._root_failures = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="root_failures",
+            aggregation="only_first_replica",
+        )
+        self._nonfinite_steps = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="nonfinite_steps",
+            aggregation="only_first_replica",
+        )
+        self._resolved_root_method = resolve_root_method(self.root_method)
+
+    # -- the step ----------------------------------------------------------
+
+    def _step(self):
+        # int32: modular arithmetic on int64 is not available on TPU.
+        return tf.cast(self.iterations, tf.int32) + 1
+
+    def before_update_steps(self, distribution, grads_and_vars):
+        """Updates all statistics, then refreshes all roots if it is time."""
+        any_nonfinite = tf.constant(False)
+        for grad, var in grads_and_vars:
+            distribution.extended.update(
+                var, self._update_statistics, args=(grad,), group=False
+            )
+            local = distribution.experimental_local_results(grad)[0]
+            any_nonfinite |= ~_all_finite(local)
+        self._nonfinite_steps.assign_add(tf.cast(any_nonfinite, tf.int64))
+        step = self._step()
+        since_start = step - self.start_step
+        refresh = (since_start >= 0) & (
+            since_start % self.precondition_frequency == 0
+        )
+        tf.cond(refresh, self._refresh_preconditioners, _no_op)
+
+    def _update_statistics(self, variable, gradient):
+        index = self._get_variable_index(variable)
+        plan = self._layout.plans[index]
+        if not plan.factors:
+            return
+        grad = _dense(gradient, tf.float32)
+
+        def update():
+            blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
+            for factor in plan.factors:
+                gram = _gram(blocks[factor.block], factor.axis)
+                stat = self._statistics[factor.index]
+                old = tf.cast(stat, tf.float32)
+                if self.beta2 == 1.0:
+                    new = old + gram
+                else:
+                    new = self.beta2 * old + (1.0 - self.beta2) * gram
+                self._store_statistic(stat, new, factor.index)
+
+        tf.cond(_all_finite(grad), update, _no_op)
+
+    def _store_statistic(self, stat, value, index):
+        if self.statistics_dtype == "bfloat16":
+            seed = tf.stack([self._step(), tf.constant(index, tf.int32)])
+            value = _stochastic_round_to_bfloat16(value, seed)
+        self.assign(stat, value)
+
+    def _refresh_preconditioners(self):
+        failures = tf.constant(0, tf.int64)
+        for (size, exponent), indices in self._layout.root_groups.items():
+            stats = tf.stack(
+                [tf.cast(self._statistics[i], tf.float32) for i in indices]
+            )
+            roots, ok, _ = inverse_pth_root(
+                stats, exponent, self.epsilon, self._resolved_root_method
+            )
+            for k, i in enumerate(indices):
+                previous = self._preconditioners[i]
+                self.assign(previous, tf.where(ok[k], roots[k], previous))
+            failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
+        self._root_failures.assign_add(failures)
+
+    def update_step(self, gradient, variable, learning_rate):
+        index = self._get_variable_index(variable)
+        plan = self._layout.plans[index]
+        grad = _dense(gradient, variable.dtype)
+        lr = tf.cast(learning_rate, variable.dtype)
+        step = self._step()
+
+        def apply():
+            update = self._grafting_update(index, grad, step)
+            if plan.factors:
+                update = tf.cond(
+                    step >= self.start_step,
+                    lambda: self._preconditioned(plan, grad, update),
+                    lambda: update,
+                )
+            if self.beta1 > 0:
+                momentum = self._momentums[index]
+                new_momentum = self.beta1 * momentum + (1.0 - self.beta1) * update
+                self.assign(momentum, new_momentum)
+                if self.nesterov:
+                    new_momentum = (
+                        self.beta1 * new_momentum + (1.0 - self.beta1) * update
+                    )
+                correction = 1.0 - tf.pow(
+                    tf.cast(self.beta1, variable.dtype), tf.cast(step, variable.dtype)
+                )
+                update = new_momentum / correction
+            self.assign_sub(variable, lr * update)
+
+        tf.cond(_all_finite(grad), apply, _no_op)
+
+    def _grafting_update(self, index, grad, step):
+        if self.grafting in ("sgd", None):
+            return grad
+        accumulator = self._grafting_accumulators[index]
+        if self.grafting == "adagrad" or self.beta2 == 1.0:
+            new = accumulator + tf.square(grad)
+        else:
+            new = self.beta2 * accumulator + (1.0 - self.beta2) * tf.square(grad)
+        self.assign(accumulator, new)
+        if self.grafting == "adam" and self.beta2 < 1.0:
+            new = new / (1.0 - tf.pow(self.beta2, tf.cast(step, new.dtype)))
+        return grad / (tf.sqrt(new) + self.grafting_epsilon)
+
+    def _preconditioned(self, plan, grad, graft):
+        grad_blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
+        graft_blocks = plan.partitioner.partition(
+            tf.reshape(graft, plan.merged_shape)
+        )
+        directions = []
+        for b, block in enumerate(grad_blocks):
+            factors = [None] * block.shape.rank
+            for factor in plan.factors_of_block[b]:
+                factors[factor.axis] = tf.cast(
+                    self._preconditioners[factor.index], block.dtype
+                )
+            direction = _precondition(block, factors)
+            if self.grafting is not None:
+                direction *= tf.norm(graft_blocks[b]) / (tf.norm(direction) + 1e-16)
+            directions.append(direction)
+        return tf.reshape(plan.partitioner.merge(directions), grad.shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "beta1": self.beta1,
+                "beta2": self.beta2,
+                "epsilon": self.epsilon,
+                "block_size": self.block_size,
+                "precondition_frequency": self.precondition_frequency,
+                "start_preconditioning_step": self.start_preconditioning_step,
+                "grafting": self.grafting,
+                "grafting_epsilon": self.grafting_epsilon,
+                "nesterov": self.nesterov,
+                "exponent_override": self.exponent_override,
+                "max_preconditioned_dim": self.max_preconditioned_dim,
+                "root_method": self.root_method,
+                "statistics_dtype": self.statistics_dtype,
+                "distribute_roots": self.distribute_roots,
+            }
+        )
+        return config
+
+
+def _slot_prefix(variable):
+    path = getattr(variable, "path", None) or variable.name
+    return path.replace("/", "_").replace(":", "_")
+
+
+def _dense(gradient, dtype):
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.convert_to_tensor(gradient)
+    return tf.cast(gradient, dtype)
+
+
+def _all_finite(tensor):
+    return tf.reduce_all(tf.math.is_finite(tensor))
+
+
+def _gram(block, axis):
+    """G_(axis) G_(axis)ᵀ: the block unfolded along `axis`, times its transpose."""
+    rank = block.shape.rank
+    if rank == 1:
+        return block[:, None] * block[None, :]
+    if rank == 2:
+        return tf.matmul(block, block, transpose_a=axis == 1, transpose_b=axis == 0)
+    others = [a for a in range(rank) if a != axis]
+    return tf.tensordot(block, block, axes=[others, others])
+
+
+def _precondition(block, factors):
+    """Contracts mode i of `block` with the symmetric matrix factors[i] (or not)."""
+    rank = block.shape.rank
+    if rank == 1:
+        return tf.linalg.matvec(factors[0], block) if factors[0] is not None else block
+    if rank == 2:
+        left, right = factors
+        if left is not None:
+            block = tf.matmul(left, block)
+        if right is not None:
+            block = tf.matmul(block, right)
+        return block
+    # Contracting axis 0 each time appends the new axis last, so after `rank`
+    # contractions (or rotations, for unpreconditioned axes) the order is back.
+    for factor in factors:
+        if factor is None:
+            block = tf.transpose(block, list(range(1, rank)) + [0])
+        else:
+            block = tf.tensordot(block, factor, axes=[[0], [0]])
+    return block
+
+
+def _stochastic_round_to_bfloat16(value, seed):
+    """Unbiased rounding of float32 to bfloat16: add random low bits, truncate."""
+    bits = tf.bitcast(tf.cast(value, tf.float32), tf.int32)
+    noise = tf.random.stateless_uniform(
+        tf.shape(bits), seed, minval=0, maxval=1 << 16, dtype=tf.int32
+    )
+    truncated = tf.bitwise.bitwise_and(bits + noise, tf.constant(-(1 << 16), tf.int32))
+    return tf.cast(tf.bitcast(truncated, tf.float32), tf.bfloat16)
+
+
+def _no_op():
+    return None
