@@ -22,6 +22,7 @@ class Factor:
     size: int  # side of the square statistic
     exponent: int  # p in (S + εI)^(-1/p)
     index: int  # position in the optimizer's flat factor lists
+    dtype: str  # dtype the factor is computed in (float32 or float64)
 
     @property
     def tag(self):
@@ -46,10 +47,12 @@ class ShampooLayout:
         max_preconditioned_dim: merged dimensions longer than this get no
             factor (only grafting), e.g. a vocabulary. None: no limit.
         exponent_override: p for every root instead of 2·order.
+        dtypes: compute dtype of each variable's factors (default float32).
     """
 
     def __init__(self, shapes, block_size, max_preconditioned_dim=None,
-                 exponent_override=None):
+                 exponent_override=None, dtypes=None):
+        dtypes = dtypes or ["float32"] * len(shapes)
         self.plans = []
         self.factors = []
         self.root_groups = collections.defaultdict(list)
@@ -75,9 +78,11 @@ class ShampooLayout:
                         size=block_shape[axis],
                         exponent=exponent,
                         index=len(self.factors),
+                        dtype=dtypes[variable],
                     )
                     self.factors.append(factor)
-                    self.root_groups[(factor.size, exponent)].append(factor.index)
+                    key = (factor.size, exponent, factor.dtype)
+                    self.root_groups[key].append(factor.index)
                     block_factors.append(factor)
                     plan_factors.append(factor)
                 factors_of_block.append(block_factors)

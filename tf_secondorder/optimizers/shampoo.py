@@ -177,8 +177,8 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             self.block_size,
             self.max_preconditioned_dim,
             self.exponent_override,
+            [_compute_dtype(v) for v in var_list],
         )
-        stats_dtype = self.statistics_dtype or "float32"
         self._statistics = []
         self._preconditioners = []
         for factor in self._layout.factors:
@@ -187,7 +187,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
                 self.add_variable(
                     (factor.size, factor.size),
                     initializer="zeros",
-                    dtype=stats_dtype,
+                    dtype=self.statistics_dtype or factor.dtype,
                     name=f"{prefix}_statistics_{factor.tag}",
                 )
             )
@@ -195,7 +195,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
                 self.add_variable(
                     (factor.size, factor.size),
                     initializer="identity",
-                    dtype="float32",
+                    dtype=factor.dtype,
                     name=f"{prefix}_preconditioner_{factor.tag}",
                 )
             )
@@ -245,18 +245,19 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         plan = self._layout.plans[index]
         if not plan.factors:
             return
-        grad = _dense(gradient, tf.float32)
+        grad = _dense(gradient, plan.factors[0].dtype)
 
         def update():
             blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
             for factor in plan.factors:
                 gram = _gram(blocks[factor.block], factor.axis)
                 stat = self._statistics[factor.index]
-                old = tf.cast(stat, tf.float32)
+                old = tf.cast(_read(stat), grad.dtype)
                 if self.beta2 == 1.0:
                     new = old + gram
                 else:
-                    new = self.beta2 * old + (1.0 - self.beta2) * gram
+                    beta2 = tf.constant(self.beta2, grad.dtype)
+                    new = beta2 * old + (1.0 - beta2) * gram
                 self._store_statistic(stat, new, factor.index)
 
         tf.cond(_all_finite(grad), update, _no_op)
@@ -269,16 +270,14 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
 
     def _refresh_preconditioners(self):
         failures = tf.constant(0, tf.int64)
-        for (size, exponent), indices in self._layout.root_groups.items():
-            stats = tf.stack(
-                [tf.cast(self._statistics[i], tf.float32) for i in indices]
-            )
+        for (_, exponent, dtype), indices in self._layout.root_groups.items():
+            stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
             roots, ok, _ = inverse_pth_root(
                 stats, exponent, self.epsilon, self._resolved_root_method
             )
             for k, i in enumerate(indices):
                 previous = self._preconditioners[i]
-                self.assign(previous, tf.where(ok[k], roots[k], previous))
+                self.assign(previous, tf.where(ok[k], roots[k], _read(previous)))
             failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
         self._root_failures.assign_add(failures)
 
@@ -298,16 +297,13 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
                     lambda: update,
                 )
             if self.beta1 > 0:
+                beta1 = tf.constant(self.beta1, update.dtype)
                 momentum = self._momentums[index]
-                new_momentum = self.beta1 * momentum + (1.0 - self.beta1) * update
+                new_momentum = beta1 * _read(momentum) + (1.0 - beta1) * update
                 self.assign(momentum, new_momentum)
                 if self.nesterov:
-                    new_momentum = (
-                        self.beta1 * new_momentum + (1.0 - self.beta1) * update
-                    )
-                correction = 1.0 - tf.pow(
-                    tf.cast(self.beta1, variable.dtype), tf.cast(step, variable.dtype)
-                )
+                    new_momentum = beta1 * new_momentum + (1.0 - beta1) * update
+                correction = 1.0 - tf.pow(beta1, tf.cast(step, update.dtype))
                 update = new_momentum / correction
             self.assign_sub(variable, lr * update)
 
@@ -317,14 +313,15 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         if self.grafting in ("sgd", None):
             return grad
         accumulator = self._grafting_accumulators[index]
+        beta2 = tf.constant(self.beta2, grad.dtype)
         if self.grafting == "adagrad" or self.beta2 == 1.0:
-            new = accumulator + tf.square(grad)
+            new = _read(accumulator) + tf.square(grad)
         else:
-            new = self.beta2 * accumulator + (1.0 - self.beta2) * tf.square(grad)
+            new = beta2 * _read(accumulator) + (1.0 - beta2) * tf.square(grad)
         self.assign(accumulator, new)
         if self.grafting == "adam" and self.beta2 < 1.0:
-            new = new / (1.0 - tf.pow(self.beta2, tf.cast(step, new.dtype)))
-        return grad / (tf.sqrt(new) + self.grafting_epsilon)
+            new = new / (1.0 - tf.pow(beta2, tf.cast(step, grad.dtype)))
+        return grad / (tf.sqrt(new) + tf.constant(self.grafting_epsilon, grad.dtype))
 
     def _preconditioned(self, plan, grad, graft):
         grad_blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
@@ -336,7 +333,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             factors = [None] * block.shape.rank
             for factor in plan.factors_of_block[b]:
                 factors[factor.axis] = tf.cast(
-                    self._preconditioners[factor.index], block.dtype
+                    _read(self._preconditioners[factor.index]), block.dtype
                 )
             direction = _precondition(block, factors)
             if self.grafting is not None:
@@ -370,6 +367,17 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
 def _slot_prefix(variable):
     path = getattr(variable, "path", None) or variable.name
     return path.replace("/", "_").replace(":", "_")
+
+
+def _compute_dtype(variable):
+    """float64 for float64 models, float32 otherwise (also under mixed precision)."""
+    return "float64" if variable.dtype == "float64" else "float32"
+
+
+def _read(variable):
+    """The variable's value as a tensor (Keras variable arithmetic would round
+    Python-float coefficients through floatx)."""
+    return tf.convert_to_tensor(variable)
 
 
 def _dense(gradient, dtype):

@@ -1,0 +1,159 @@
+"""A plain NumPy Shampoo, written from SPEC §3.1 independently of the package.
+
+Loops over explicit index slices and moves axes with np.tensordot instead of
+sharing any of the package's partitioning or contraction code.
+"""
+
+import itertools
+
+import numpy as np
+
+
+def reference_merged_shape(shape, limit):
+    out = []
+    for d in shape:
+        if d == 1:
+            continue
+        if out and out[-1] * d <= limit:
+            out[-1] = out[-1] * d
+        else:
+            out.append(d)
+    return out
+
+
+def reference_block_slices(shape, block_size):
+    ranges = [
+        [slice(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+        for n in shape
+    ]
+    return list(itertools.product(*ranges))
+
+
+def reference_root(stat, p, eps):
+    lam, q = np.linalg.eigh(stat.astype(np.float64))
+    top = lam.max()
+    if top <= 0:
+        return np.eye(len(stat))
+    return (q * (np.maximum(lam, 0.0) + eps * top) ** (-1.0 / p)) @ q.T
+
+
+class NumpyShampoo:
+    def __init__(
+        self,
+        shapes,
+        learning_rate=1e-2,
+        beta1=0.9,
+        beta2=0.999,
+        epsilon=1e-12,
+        block_size=1024,
+        precondition_frequency=100,
+        start_preconditioning_step=None,
+        grafting="adam",
+        grafting_epsilon=1e-8,
+        nesterov=False,
+        exponent_override=None,
+        max_preconditioned_dim=None,
+        weight_decay=None,
+    ):
+        self.lr = learning_rate
+        self.b1, self.b2, self.eps = beta1, beta2, epsilon
+        self.freq = precondition_frequency
+        self.start = start_preconditioning_step or precondition_frequency
+        self.grafting, self.geps = grafting, grafting_epsilon
+        self.nesterov, self.wd = nesterov, weight_decay
+        self.t = 0
+        self.params = []
+        for shape in shapes:
+            merged = reference_merged_shape(shape, block_size)
+            order = len(merged)
+            axes = [
+                a
+                for a, n in enumerate(merged)
+                if max_preconditioned_dim is None or n <= max_preconditioned_dim
+            ]
+            blocks = reference_block_slices(merged, block_size) if merged else []
+            stats, roots = {}, {}
+            for b, slices in enumerate(blocks):
+                for a in axes:
+                    n = slices[a].stop - slices[a].start
+                    stats[b, a] = np.zeros((n, n))
+                    roots[b, a] = np.eye(n)
+            self.params.append(
+                dict(
+                    shape=tuple(shape),
+                    merged=merged,
+                    blocks=blocks,
+                    p=exponent_override or 2 * order,
+                    stats=stats,
+                    roots=roots,
+                    acc=np.zeros(shape),
+                    mom=np.zeros(shape),
+                )
+            )
+
+    def _lr(self):
+        # Keras keeps the learning rate in a float32 variable.
+        lr = self.lr(self.t - 1) if callable(self.lr) else self.lr
+        return float(np.float32(lr))
+
+    def step(self, weights, grads):
+        self.t += 1
+        t = self.t
+        finite = [np.all(np.isfinite(g)) for g in grads]
+        for st, g, ok in zip(self.params, grads, finite):
+            if not ok or not st["stats"]:
+                continue
+            gm = g.reshape(st["merged"])
+            for (b, a), s in st["stats"].items():
+                blk = gm[st["blocks"][b]]
+                others = [i for i in range(blk.ndim) if i != a]
+                gram = np.tensordot(blk, blk, axes=(others, others))
+                st["stats"][b, a] = s + gram if self.b2 == 1 else self.b2 * s + (1 - self.b2) * gram
+        if t >= self.start and (t - self.start) % self.freq == 0:
+            for st in self.params:
+                for key, s in st["stats"].items():
+                    st["roots"][key] = reference_root(s, st["p"], self.eps)
+        out = []
+        lr = self._lr()
+        for st, w, g, ok in zip(self.params, weights, grads, finite):
+            w = w.astype(np.float64)
+            if self.wd:
+                w = w - lr * self.wd * w
+            if not ok:
+                out.append(w)
+                continue
+            u = self._graft(st, g, t)
+            if st["stats"] and t >= self.start:
+                gm, um = g.reshape(st["merged"]), u.reshape(st["merged"])
+                d = np.zeros(st["merged"])
+                for b, slices in enumerate(st["blocks"]):
+                    blk = gm[slices]
+                    for a in range(blk.ndim):
+                        if (b, a) in st["roots"]:
+                            moved = np.tensordot(st["roots"][b, a], blk, axes=([1], [a]))
+                            blk = np.moveaxis(moved, 0, a)
+                    if self.grafting is not None:
+                        blk = blk * np.linalg.norm(um[slices]) / (np.linalg.norm(blk) + 1e-16)
+                    d[slices] = blk
+                u = d.reshape(st["shape"])
+            if self.b1 > 0:
+                st["mom"] = self.b1 * st["mom"] + (1 - self.b1) * u
+                m = st["mom"]
+                if self.nesterov:
+                    m = self.b1 * m + (1 - self.b1) * u
+                u = m / (1 - self.b1**t)
+            out.append(w - lr * u)
+        return out
+
+    def _graft(self, st, g, t):
+        kind = self.grafting
+        if kind in ("sgd", None):
+            return g
+        if kind == "adagrad" or self.b2 == 1:
+            st["acc"] = st["acc"] + g * g
+        else:
+            st["acc"] = self.b2 * st["acc"] + (1 - self.b2) * g * g
+        v = st["acc"]
+        if kind == "adam" and self.b2 < 1:
+            v = v / (1 - self.b2**t)
+        return g / (np.sqrt(v) + self.geps)
