@@ -131,7 +131,7 @@ def _eigh_root(matrices, p, epsilon):
     return roots, ok, tf.cast(residual, in_dtype)
 
 
-def _largest_eigenvalue(matrices, iterations=32):
+def _largest_eigenvalue(matrices, iterations=64):
     """Rayleigh quotient after power iteration, batched; exact for rank 1."""
     n = tf.shape(matrices)[-1]
     # A fixed, non-symmetric start vector: deterministic across replicas and
