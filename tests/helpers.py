@@ -29,7 +29,11 @@ def weights_of(model):
 
 
 def optimizer_state(optimizer):
-    return [np.asarray(v.numpy()) for v in optimizer.variables]
+    """All optimizer variables as NumPy arrays (bfloat16 widened, exactly)."""
+    return [
+        np.asarray(v.numpy()).astype(np.float32) if v.dtype == "bfloat16" else v.numpy()
+        for v in optimizer.variables
+    ]
 
 
 def replica_values(variable):

@@ -1,0 +1,127 @@
+"""Saving: .keras and tf.train.Checkpoint keep the whole state; export serves."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_secondorder as tfso
+from tests.helpers import mlp, optimizer_state, regression_data, weights_of
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Refreshes every 3 steps; 8 steps per epoch, so the resume point (step 8)
+# falls between refreshes and both halves contain refreshes.
+CONFIG = dict(
+    learning_rate=0.01,
+    precondition_frequency=3,
+    block_size=8,
+    epsilon=1e-4,
+    statistics_dtype="bfloat16",
+    grafting="adam",
+    nesterov=True,
+)
+
+
+def train(model, opt, epochs):
+    x, y = regression_data()
+    model.compile(optimizer=opt, loss="mse")
+    model.fit(x, y, epochs=epochs, batch_size=16, shuffle=False, verbose=0)
+
+
+def run_fresh_process(mode, path, out):
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    subprocess.run(
+        [sys.executable, "-m", "tests.optimizers.resume_worker", mode, path, out,
+         "--config", json.dumps(CONFIG)],
+        cwd=ROOT, env=env, check=True, timeout=300,
+    )
+    return np.load(out)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    model = mlp()
+    train(model, tfso.Shampoo(**CONFIG), epochs=2)
+    return weights_of(model)
+
+
+@pytest.mark.parametrize("mode", ["keras", "checkpoint"])
+def test_save_load_resume_in_fresh_process(tmp_path, uninterrupted, mode):
+    model = mlp()
+    opt = tfso.Shampoo(**CONFIG)
+    train(model, opt, epochs=1)
+    if mode == "keras":
+        path = str(tmp_path / "model.keras")
+        model.save(path)
+    else:
+        path = tf.train.Checkpoint(model=model, optimizer=opt).write(str(tmp_path / "ckpt"))
+    saved_state = optimizer_state(opt)
+    result = run_fresh_process(mode, path, str(tmp_path / "out.npz"))
+    assert int(result["iterations"]) == 16
+    assert int(result["loaded_state_size"]) == len(saved_state)
+    for i, s in enumerate(saved_state):
+        np.testing.assert_array_equal(result[f"state{i}"], s)
+    for i, w in enumerate(uninterrupted):
+        np.testing.assert_allclose(result[f"arr_{i}"], w, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_differs_without_optimizer_state(tmp_path, uninterrupted):
+    """Guards the test above: a fresh optimizer on the saved weights drifts."""
+    model = mlp()
+    train(model, tfso.Shampoo(**CONFIG), epochs=1)
+    restarted = mlp()
+    restarted.set_weights(model.get_weights())
+    train(restarted, tfso.Shampoo(**CONFIG), epochs=1)
+    diff = max(np.abs(a - b).max() for a, b in zip(weights_of(restarted), uninterrupted))
+    assert diff > 1e-3
+
+
+def test_export_serves(tmp_path):
+    model = mlp()
+    train(model, tfso.Shampoo(**CONFIG), epochs=1)
+    x, _ = regression_data(n=10, seed=5)
+    model.export(str(tmp_path / "served"), verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "served"))
+    np.testing.assert_allclose(served.serve(x).numpy(), model.predict(x, verbose=0), rtol=1e-5)
+
+
+def test_config_round_trip():
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, 100)
+    opt = tfso.Shampoo(
+        learning_rate=schedule,
+        beta1=0.8,
+        beta2=1.0,
+        epsilon=1e-8,
+        block_size=256,
+        precondition_frequency=7,
+        start_preconditioning_step=3,
+        grafting="rmsprop",
+        grafting_epsilon=1e-6,
+        nesterov=True,
+        exponent_override=6,
+        max_preconditioned_dim=5000,
+        root_method="coupled_newton",
+        statistics_dtype="bfloat16",
+        distribute_roots=False,
+        weight_decay=0.01,
+        clipnorm=1.0,
+        use_ema=True,
+        loss_scale_factor=4.0,
+        gradient_accumulation_steps=2,
+        name="my_shampoo",
+    )
+    serialized = keras.optimizers.serialize(opt)
+    again = tfso.Shampoo.from_config(opt.get_config())
+    assert keras.optimizers.serialize(again) == serialized
+    restored = keras.optimizers.deserialize(copy.deepcopy(serialized))
+    assert isinstance(restored, tfso.Shampoo)
+    assert keras.optimizers.serialize(restored) == serialized
+    config = serialized["config"]
+    assert config["precondition_frequency"] == 7 and config["grafting"] == "rmsprop"
+    assert config["learning_rate"]["class_name"] == "CosineDecay"
