@@ -48,6 +48,7 @@ class NumpyShampoo:
         block_size=1024,
         precondition_frequency=100,
         start_preconditioning_step=None,
+        statistics_frequency=1,
         grafting="adam",
         grafting_epsilon=1e-8,
         nesterov=False,
@@ -59,6 +60,7 @@ class NumpyShampoo:
         self.b1, self.b2, self.eps = beta1, beta2, epsilon
         self.freq = precondition_frequency
         self.start = start_preconditioning_step or precondition_frequency
+        self.stat_freq = statistics_frequency
         self.grafting, self.geps = grafting, grafting_epsilon
         self.nesterov, self.wd = nesterov, weight_decay
         self.t = 0
@@ -101,7 +103,7 @@ class NumpyShampoo:
         t = self.t
         finite = [np.all(np.isfinite(g)) for g in grads]
         for st, g, ok in zip(self.params, grads, finite):
-            if not ok or not st["stats"]:
+            if not ok or not st["stats"] or t % self.stat_freq:
                 continue
             gm = g.reshape(st["merged"])
             for (b, a), s in st["stats"].items():

@@ -18,6 +18,7 @@ import tf_secondorder as tfso
         ("block_size", 2.5),
         ("precondition_frequency", 0),
         ("start_preconditioning_step", 0),
+        ("statistics_frequency", 0),
         ("grafting", "lamb"),
         ("grafting_epsilon", -1.0),
         ("nesterov", "yes"),

@@ -55,12 +55,12 @@ BASE = dict(
     "options",
     [
         dict(grafting="adam"),
-        dict(grafting="sgd", nesterov=True, beta2=0.95),
+        dict(grafting="sgd", nesterov=True, beta2=0.95, statistics_frequency=3),
         dict(grafting="adagrad", beta1=0.0),
         dict(grafting="rmsprop", exponent_override=2, weight_decay=0.1),
         dict(grafting=None, beta2=1.0),
     ],
-    ids=["adam", "sgd-nesterov", "adagrad-nomomentum", "rmsprop-exp2-wd", "none-sum"],
+    ids=["adam", "sgd-nesterov-stats3", "adagrad-nomomentum", "rmsprop-exp2-wd", "none-sum"],
 )
 def test_matches_reference_float64(options):
     got, want, opt = _run_both("float64", SHAPES, STEPS, **BASE, **options)

@@ -101,6 +101,7 @@ def test_config_round_trip():
         block_size=256,
         precondition_frequency=7,
         start_preconditioning_step=3,
+        statistics_frequency=2,
         grafting="rmsprop",
         grafting_epsilon=1e-6,
         nesterov=True,

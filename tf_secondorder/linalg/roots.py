@@ -32,8 +32,8 @@ import tensorflow as tf
 ROOT_METHODS = ("auto", "eigh", "coupled_newton")
 
 # A root is rejected if the eigendecomposition residual ||AQ - QΛ||/||A||
-# exceeds this (float64 LAPACK gives ~1e-15; larger means it failed).
-EIGH_RESIDUAL_LIMIT = 1e-6
+# exceeds this (a backward-stable solver gives ~n·ulp; larger means it failed).
+EIGH_RESIDUAL_LIMIT = {"float32": 1e-3, "float64": 1e-8}
 # A coupled-Newton root is rejected if max|M - I| at exit exceeds this.
 NEWTON_ERROR_LIMIT = 0.1
 
@@ -58,6 +58,7 @@ def inverse_pth_root(
     epsilon=1e-12,
     method="eigh",
     max_iterations=100,
+    compute_dtype=None,
 ):
     """Computes ``(A + epsilon·λ_max·I)^(-1/p)`` for a stack of SPD matrices.
 
@@ -69,6 +70,9 @@ def inverse_pth_root(
         epsilon: ridge relative to each matrix's largest eigenvalue.
         method: ``"eigh"``, ``"coupled_newton"`` or ``"auto"``.
         max_iterations: iteration cap for ``coupled_newton``.
+        compute_dtype: dtype the root is computed in. Default: float64 for
+            ``eigh`` (cheap on CPU, exact for float32 statistics), the input
+            dtype for ``coupled_newton``.
 
     Returns:
         ``(roots, ok, error)``: roots in the input dtype; ``ok`` a boolean per
@@ -83,16 +87,22 @@ def inverse_pth_root(
     single = matrices.shape.rank == 2
     if single:
         matrices = matrices[tf.newaxis]
+    in_dtype = matrices.dtype
     if method == "eigh":
-        roots, ok, error = _eigh_root(matrices, float(p), float(epsilon))
+        compute_dtype = tf.as_dtype(compute_dtype or tf.float64)
+        roots, ok, error = _eigh_root(
+            tf.cast(matrices, compute_dtype), float(p), float(epsilon)
+        )
     else:
         if int(p) != p or p < 1:
             raise ValueError(
                 f"coupled_newton needs a positive integer root. Received: p={p}"
             )
-        roots, ok, error = _coupled_newton_root(
-            matrices, int(p), float(epsilon), int(max_iterations)
+        compute_dtype = tf.as_dtype(compute_dtype or in_dtype)
+        roots, ok, error, _ = _coupled_newton_root(
+            tf.cast(matrices, compute_dtype), int(p), float(epsilon), int(max_iterations)
         )
+    roots, error = tf.cast(roots, in_dtype), tf.cast(error, in_dtype)
     if single:
         return roots[0], ok[0], error[0]
     return roots, ok, error
@@ -108,8 +118,7 @@ def _screen_non_finite(matrices):
 
 @tf.function(reduce_retracing=True)
 def _eigh_root(matrices, p, epsilon):
-    in_dtype = matrices.dtype
-    a, finite = _screen_non_finite(tf.cast(matrices, tf.float64))
+    a, finite = _screen_non_finite(matrices)
     a = 0.5 * (a + tf.linalg.matrix_transpose(a))
     eigenvalues, q = tf.linalg.eigh(a)
     lam_max = tf.reduce_max(eigenvalues, axis=-1)
@@ -121,14 +130,13 @@ def _eigh_root(matrices, p, epsilon):
     roots = tf.matmul(q * powered[:, None, :], q, transpose_b=True)
     residual = tf.norm(
         tf.matmul(a, q) - q * eigenvalues[:, None, :], axis=[-2, -1]
-    ) / tf.maximum(tf.norm(a, axis=[-2, -1]), 1e-300)
-    roots = tf.cast(roots, in_dtype)
+    ) / tf.maximum(tf.norm(a, axis=[-2, -1]), 1e-30)
     ok = (
         finite
         & tf.reduce_all(tf.math.is_finite(roots), axis=[-2, -1])
-        & (residual <= EIGH_RESIDUAL_LIMIT)
+        & (residual <= EIGH_RESIDUAL_LIMIT[a.dtype.name])
     )
-    return roots, ok, tf.cast(residual, in_dtype)
+    return roots, ok, residual
 
 
 def _largest_eigenvalue(matrices, iterations=64):
@@ -207,7 +215,7 @@ def _coupled_newton_root(matrices, p, epsilon, max_iterations):
         active = improved & (new_error > tolerance)
         return i + 1, m, h, error, active
 
-    _, m, h, error, _ = tf.while_loop(
+    iterations, m, h, error, _ = tf.while_loop(
         cond, body, (0, m, h, error, active), maximum_iterations=max_iterations
     )
     h = tf.where(empty[:, None, None], eye, h)
@@ -217,4 +225,4 @@ def _coupled_newton_root(matrices, p, epsilon, max_iterations):
         & tf.reduce_all(tf.math.is_finite(h), axis=[-2, -1])
         & (error <= NEWTON_ERROR_LIMIT)
     )
-    return h, ok, error
+    return h, ok, error, iterations

@@ -1,0 +1,1 @@
+"""Benchmarks behind `tf-secondorder bench` (tasks of shared BENCHMARKS.md)."""

@@ -1,0 +1,76 @@
+"""The `tf-secondorder` command."""
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def _parse_options(pairs):
+    options = {}
+    for pair in pairs or []:
+        key, _, value = pair.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def bench(args):
+    import keras
+    import tensorflow as tf
+
+    from tf_secondorder import __version__
+    from tf_secondorder.bench import runner, tasks
+
+    task = tasks.get_task(args.task, args.steps)
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(task.lrs)
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    shampoo_options = _parse_options(args.shampoo_option)
+    results = []
+    for name in names:
+        for lr in lrs:
+            print(f"== {task.name}: {name} lr={lr:g}", flush=True)
+            options = shampoo_options if name == "shampoo" else None
+            results.append(runner.run(task, name, lr, options, seed=args.seed,
+                                      verbose=args.verbose))
+    summary = runner.summarize(task, results)
+    print(runner.format_table(summary, results))
+    report = {
+        **summary,
+        "steps": task.steps,
+        "command": " ".join(["tf-secondorder"] + sys.argv[1:]),
+        "versions": {"tf_secondorder": __version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "python": platform.python_version()},
+        "task_info": task.info,
+        "runs": results,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tf-secondorder")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="train optimizers on a benchmark task and compare")
+    b.add_argument("--task", default="digits-ae")
+    b.add_argument("--optimizers", default="adam,shampoo")
+    b.add_argument("--lrs", default=None, help="comma-separated; default: the task's grid")
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--shampoo-option", action="append", metavar="KEY=VALUE",
+                   help="Shampoo argument for this run, e.g. precondition_frequency=50")
+    b.add_argument("--out", default="bench_out")
+    b.add_argument("--verbose", type=int, default=1, help="Keras progress bar (0, 1, 2)")
+    b.set_defaults(func=bench)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
