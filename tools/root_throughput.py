@@ -45,21 +45,23 @@ def main():
     print(f"{'n':>5} {'batch':>5} {'matmul GF/s':>12} {'newton s':>9} {'iters':>6} "
           f"{'newton GF/s':>12} {'fraction':>8} {'eigh f32 s':>10} {'eigh f64 s':>10}")
     for n in (int(s) for s in args.sizes.split(",")):
-        a = statistics(args.batch, n, rng)
-        mm = tf.function(lambda x: tf.matmul(x, x), jit_compile=True)
-        t_mm = timed(lambda: mm(a).numpy())
-        rate = args.batch * 2 * n**3 / t_mm
-        t_newton = timed(lambda: inverse_pth_root(a, 4, 1e-6, "coupled_newton")[0].numpy())
-        iters = int(roots_module._coupled_newton_root(a, 4, 1e-6, 100)[3])
-        newton_rate = iters * 4 * args.batch * 2 * n**3 / t_newton
-        t_eigh32 = timed(
-            lambda: inverse_pth_root(a, 4, 1e-6, "eigh", compute_dtype="float32")[0].numpy()
-        )
-        t_eigh64 = timed(lambda: inverse_pth_root(a, 4, 1e-6, "eigh")[0].numpy())
-        print(f"{n:>5} {args.batch:>5} {rate / 1e9:>12.1f} {t_newton:>9.3f} {iters:>6} "
-              f"{newton_rate / 1e9:>12.1f} {newton_rate / rate:>8.2f} {t_eigh32:>10.3f} "
-              f"{t_eigh64:>10.3f}")
+        print(measure(n, args.batch, rng))
 
+
+def measure(n, batch, rng):
+    a = statistics(batch, n, rng)
+    matmul = tf.function(lambda x: tf.matmul(x, x), jit_compile=True)
+    rate = batch * 2 * n**3 / timed(lambda: matmul(a).numpy())
+    t_newton = timed(lambda: inverse_pth_root(a, 4, 1e-6, "coupled_newton")[0].numpy())
+    iters = int(roots_module._coupled_newton_root(a, 4, 1e-6, 100)[3])
+    newton_rate = iters * 4 * batch * 2 * n**3 / t_newton
+    t_eigh32 = timed(lambda: inverse_pth_root(a, 4, 1e-6, "eigh")[0].numpy())
+    t_eigh64 = timed(
+        lambda: inverse_pth_root(a, 4, 1e-6, "eigh", compute_dtype="float64")[0].numpy()
+    )
+    return (f"{n:>5} {batch:>5} {rate / 1e9:>12.1f} {t_newton:>9.3f} {iters:>6} "
+            f"{newton_rate / 1e9:>12.1f} {newton_rate / rate:>8.2f} {t_eigh32:>10.3f} "
+            f"{t_eigh64:>10.3f}")
 
 if __name__ == "__main__":
     main()

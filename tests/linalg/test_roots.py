@@ -38,20 +38,26 @@ def test_float64_matches_reference(rng, method, kappa, p):
 
 
 @pytest.mark.parametrize("kappa", [10.0, 1e3, 1e6, 1e10])
-def test_float32_methods_agree_with_reference_of_rounded_input(rng, kappa):
+def test_float32_methods_against_reference_of_rounded_input(rng, kappa):
     """In float32 the input itself is rounded: compare with its exact root."""
     a32 = spd(rng, 48, kappa).astype(np.float32)
-    eigh_root, eigh_ok, _ = inverse_pth_root(tf.constant(a32), 4, 1e-12, "eigh")
+    eigh_root, eigh_ok, _ = inverse_pth_root(tf.constant(a32), 4, 1e-6, "eigh")
     assert bool(eigh_ok)
     assert eigh_root.dtype == tf.float32
-    assert rel_error(eigh_root.numpy(), reference(a32, 4, 1e-12)) < 1e-5
+    # Overton: a p-th root loses log2(κ/p) of float32's 24 bits; the ridge
+    # caps the effective κ at 1/1e-6.
+    overton = min(kappa, 1e6) / 4 * 2.0**-24
+    assert rel_error(eigh_root.numpy(), reference(a32, 4, 1e-6)) < 2 * overton + 1e-5
+    # A float64 eigensolve of the same float32 input is exact.
+    exact, _, _ = inverse_pth_root(tf.constant(a32), 4, 1e-12, "eigh", compute_dtype="float64")
+    assert exact.dtype == tf.float32
+    assert rel_error(exact.numpy(), reference(a32, 4, 1e-12)) < 1e-6
     # Coupled Newton floors the relative ridge at 10 ulps of float32.
     newton_root, newton_ok, error = inverse_pth_root(
         tf.constant(a32), 4, 1e-12, "coupled_newton"
     )
     assert bool(newton_ok) and float(error) < 1e-3
-    ref = reference(a32, 4, 1.2e-6)
-    assert rel_error(newton_root.numpy(), ref) < 0.02
+    assert rel_error(newton_root.numpy(), reference(a32, 4, 1.2e-6)) < 0.02
     if kappa <= 1e3:
         same_ridge, _, _ = inverse_pth_root(tf.constant(a32), 4, 1.2e-6, "eigh")
         assert rel_error(newton_root.numpy(), same_ridge.numpy()) < 1e-4

@@ -70,10 +70,13 @@ def test_matches_reference_float64(options):
 
 
 def test_matches_reference_float32():
+    # Roots are computed in float32 here; with rank-deficient statistics and a
+    # 1e-6 ridge, Overton's bound is ~1e6/2 · 2^-24 ≈ 3e-2 relative per root.
+    # Bugs give O(1) differences.
     got, want, opt = _run_both("float32", SHAPES, STEPS, **BASE)
     assert int(opt.root_failures.numpy()) == 0
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(g, w, rtol=3e-3, atol=1e-3)
 
 
 def test_matches_reference_float32_default_epsilon_full_rank():

@@ -83,7 +83,7 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
 
 def steps_and_seconds_to(result, target):
     """First evaluated step (and training seconds) at which loss <= target."""
-    for (step, loss), seconds in zip(result["curve"], result["curve_seconds"]):
+    for (step, loss), seconds in zip(result["curve"], result["curve_seconds"], strict=True):
         if loss <= target:
             return step, seconds
     return None, None

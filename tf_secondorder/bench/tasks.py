@@ -64,7 +64,6 @@ def digits_autoencoder(steps=2000):
 def pydoc_corpus():
     """The bytes of CPython's pydoc_data.topics and their sha256."""
     import hashlib
-
     from pydoc_data import topics
 
     text = "".join(topics.topics[k] for k in sorted(topics.topics)).encode("utf-8")

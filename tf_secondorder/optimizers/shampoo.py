@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_secondorder.distribute._keras_hooks import StepHooks
 from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
+from tf_secondorder.optimizers import _shampoo_kernels as kernels
 from tf_secondorder.optimizers import _validate
 from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
 
@@ -224,6 +225,24 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             aggregation="only_first_replica",
         )
         self._resolved_root_method = resolve_root_method(self.root_method)
+        hyper = kernels.Hyper(
+            beta1=self.beta1,
+            beta2=self.beta2,
+            grafting=self.grafting,
+            grafting_epsilon=self.grafting_epsilon,
+            nesterov=self.nesterov,
+            start_step=self.start_step,
+            bfloat16_statistics=self.statistics_dtype == "bfloat16",
+        )
+        # A plain holder, so Keras/TF tracking does not treat the compiled
+        # functions as state to checkpoint or export.
+        self._kernels = _Kernels(
+            statistics=[
+                kernels.make_statistics_kernel(p, hyper) if p.factors else None
+                for p in self._layout.plans
+            ],
+            update=[kernels.make_update_kernel(p, hyper) for p in self._layout.plans],
+        )
 
     # -- the step ----------------------------------------------------------
 
@@ -236,7 +255,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         any_nonfinite = tf.constant(False)
         for grad, _ in grads_and_vars:
             local = distribution.experimental_local_results(grad)[0]
-            any_nonfinite |= ~_all_finite(local)
+            any_nonfinite |= ~kernels.all_finite(_dense(local, local.dtype))
         self._nonfinite_steps.assign_add(tf.cast(any_nonfinite, tf.int64))
 
         def update_statistics():
@@ -261,33 +280,20 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         plan = self._layout.plans[index]
         if not plan.factors:
             return
-        grad, finite = _finite_or_zero(_dense(gradient, plan.factors[0].dtype))
-        blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
-        for factor in plan.factors:
-            gram = _gram(blocks[factor.block], factor.axis)
-            stat = self._statistics[factor.index]
-            old = tf.cast(_read(stat), grad.dtype)
-            if self.beta2 == 1.0:
-                new = old + gram
-            else:
-                beta2 = tf.constant(self.beta2, grad.dtype)
-                new = beta2 * old + (1.0 - beta2) * gram
-            # Selects instead of tf.cond: per-variable conds run as function
-            # calls and cost more than the arithmetic on small models.
-            self._store_statistic(stat, tf.where(finite, new, old), factor.index)
-
-    def _store_statistic(self, stat, value, index):
-        if self.statistics_dtype == "bfloat16":
-            seed = tf.stack([self._step(), tf.constant(index, tf.int32)])
-            value = _stochastic_round_to_bfloat16(value, seed)
-        self.assign(stat, value)
+        stats = [self._statistics[f.index] for f in plan.factors]
+        updated = self._kernels.statistics[index](
+            _dense(gradient, variable.dtype), [_read(s) for s in stats], self._step()
+        )
+        for stat, value in zip(stats, updated):
+            self.assign(stat, value)
 
     def _refresh_preconditioners(self):
         failures = tf.constant(0, tf.int64)
         for (_, exponent, dtype), indices in self._layout.root_groups.items():
             stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
             roots, ok, _ = inverse_pth_root(
-                stats, exponent, self.epsilon, self._resolved_root_method
+                stats, exponent, self.epsilon, self._resolved_root_method,
+                compute_dtype=dtype,
             )
             for k, i in enumerate(indices):
                 previous = self._preconditioners[i]
@@ -298,57 +304,24 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         plan = self._layout.plans[index]
-        grad, finite = _finite_or_zero(_dense(gradient, variable.dtype))
-        lr = tf.cast(learning_rate, variable.dtype)
-        step = self._step()
-        update = self._grafting_update(index, grad, step, finite)
-        if plan.factors:
-            preconditioned = self._preconditioned(plan, grad, update)
-            update = tf.where(step >= self.start_step, preconditioned, update)
-        if self.beta1 > 0:
-            beta1 = tf.constant(self.beta1, update.dtype)
-            momentum = self._momentums[index]
-            old = _read(momentum)
-            new_momentum = beta1 * old + (1.0 - beta1) * update
-            self.assign(momentum, tf.where(finite, new_momentum, old))
-            if self.nesterov:
-                new_momentum = beta1 * new_momentum + (1.0 - beta1) * update
-            correction = 1.0 - tf.pow(beta1, tf.cast(step, update.dtype))
-            update = new_momentum / correction
-        self.assign_sub(variable, tf.where(finite, lr * update, tf.zeros_like(update)))
-
-    def _grafting_update(self, index, grad, step, finite):
-        if self.grafting in ("sgd", None):
-            return grad
-        accumulator = self._grafting_accumulators[index]
-        beta2 = tf.constant(self.beta2, grad.dtype)
-        old = _read(accumulator)
-        if self.grafting == "adagrad" or self.beta2 == 1.0:
-            new = old + tf.square(grad)
-        else:
-            new = beta2 * old + (1.0 - beta2) * tf.square(grad)
-        self.assign(accumulator, tf.where(finite, new, old))
-        if self.grafting == "adam" and self.beta2 < 1.0:
-            new = new / (1.0 - tf.pow(beta2, tf.cast(step, grad.dtype)))
-        return grad / (tf.sqrt(new) + tf.constant(self.grafting_epsilon, grad.dtype))
-
-    def _preconditioned(self, plan, grad, graft):
-        grad_blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
-        graft_blocks = plan.partitioner.partition(
-            tf.reshape(graft, plan.merged_shape)
+        placeholder = tf.zeros([], variable.dtype)
+        accumulator = (
+            self._grafting_accumulators[index] if self._grafting_accumulators else None
         )
-        directions = []
-        for b, block in enumerate(grad_blocks):
-            factors = [None] * block.shape.rank
-            for factor in plan.factors_of_block[b]:
-                factors[factor.axis] = tf.cast(
-                    _read(self._preconditioners[factor.index]), block.dtype
-                )
-            direction = _precondition(block, factors)
-            if self.grafting is not None:
-                direction *= tf.norm(graft_blocks[b]) / (tf.norm(direction) + 1e-16)
-            directions.append(direction)
-        return tf.reshape(plan.partitioner.merge(directions), grad.shape)
+        momentum = self._momentums[index] if self._momentums else None
+        new_accumulator, new_momentum, delta = self._kernels.update[index](
+            _dense(gradient, variable.dtype),
+            _read(accumulator) if accumulator is not None else placeholder,
+            _read(momentum) if momentum is not None else placeholder,
+            [_read(self._preconditioners[f.index]) for f in plan.factors],
+            self._step(),
+            tf.convert_to_tensor(learning_rate),
+        )
+        if accumulator is not None:
+            self.assign(accumulator, new_accumulator)
+        if momentum is not None:
+            self.assign(momentum, new_momentum)
+        self.assign_sub(variable, delta)
 
     def get_config(self):
         config = super().get_config()
@@ -396,58 +369,13 @@ def _dense(gradient, dtype):
     return tf.cast(gradient, dtype)
 
 
-def _all_finite(tensor):
-    return tf.reduce_all(tf.math.is_finite(tensor))
-
-
-def _finite_or_zero(grad):
-    """(grad with non-finite tensors zeroed, whether it was finite)."""
-    finite = _all_finite(grad)
-    return tf.where(finite, grad, tf.zeros_like(grad)), finite
-
-
-def _gram(block, axis):
-    """G_(axis) G_(axis)ᵀ: the block unfolded along `axis`, times its transpose."""
-    rank = block.shape.rank
-    if rank == 1:
-        return block[:, None] * block[None, :]
-    if rank == 2:
-        return tf.matmul(block, block, transpose_a=axis == 1, transpose_b=axis == 0)
-    others = [a for a in range(rank) if a != axis]
-    return tf.tensordot(block, block, axes=[others, others])
-
-
-def _precondition(block, factors):
-    """Contracts mode i of `block` with the symmetric matrix factors[i] (or not)."""
-    rank = block.shape.rank
-    if rank == 1:
-        return tf.linalg.matvec(factors[0], block) if factors[0] is not None else block
-    if rank == 2:
-        left, right = factors
-        if left is not None:
-            block = tf.matmul(left, block)
-        if right is not None:
-            block = tf.matmul(block, right)
-        return block
-    # Contracting axis 0 each time appends the new axis last, so after `rank`
-    # contractions (or rotations, for unpreconditioned axes) the order is back.
-    for factor in factors:
-        if factor is None:
-            block = tf.transpose(block, list(range(1, rank)) + [0])
-        else:
-            block = tf.tensordot(block, factor, axes=[[0], [0]])
-    return block
-
-
-def _stochastic_round_to_bfloat16(value, seed):
-    """Unbiased rounding of float32 to bfloat16: add random low bits, truncate."""
-    bits = tf.bitcast(tf.cast(value, tf.float32), tf.int32)
-    noise = tf.random.stateless_uniform(
-        tf.shape(bits), seed, minval=0, maxval=1 << 16, dtype=tf.int32
-    )
-    truncated = tf.bitwise.bitwise_and(bits + noise, tf.constant(-(1 << 16), tf.int32))
-    return tf.cast(tf.bitcast(truncated, tf.float32), tf.bfloat16)
-
-
 def _no_op():
     return None
+
+
+class _Kernels:
+    """Per-variable compiled kernels, indexed like the optimizer's variables."""
+
+    def __init__(self, statistics, update):
+        self.statistics = statistics
+        self.update = update
