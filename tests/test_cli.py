@@ -19,7 +19,7 @@ def test_bench_writes_results(tmp_path, capsys):
     assert report["task"] == "digits-ae" and report["steps"] == 100
     assert {"tensorflow", "keras", "tf_secondorder"} <= set(report["versions"])
     runs = {r["optimizer"]: r for r in report["runs"]}
-    assert runs["shampoo"]["options"] == {"precondition_frequency": 20, "block_size": 256}
+    assert runs["shampoo"]["options"]["precondition_frequency"] == 20
     assert [s for s, _ in runs["adam"]["curve"]] == [50, 100]
     assert runs["shampoo"]["root_failures"] == 0
     assert runs["shampoo"]["refresh_step_seconds"] > 0

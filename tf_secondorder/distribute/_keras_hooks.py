@@ -9,11 +9,12 @@ runs one optimizer step as::
         merge_call(_distributed_tf_update_step)  # cross-replica context
           extended.update(var, update_step) for each variable
 
-``StepHooks`` overrides ``_distributed_tf_update_step`` to give optimizers a
-public-looking extension point, ``before_update_steps(distribution,
-grads_and_vars)``, that runs once per step in cross-replica context after the
-gradients are reduced and before any variable is updated. Shampoo uses it to
-update its statistics and refresh its roots for all variables at once.
+``StepHooks`` overrides ``_distributed_tf_update_step`` to give optimizers an
+extension point in their own terms, ``apply_update(distribution,
+grads_and_vars, learning_rate)``: the whole update of a step, once, in
+cross-replica context. Shampoo uses it to guard the step against non-finite
+gradients, update all statistics and refresh all roots before the
+per-variable updates.
 
 If a Keras upgrade renames or stops calling the hooked method, the test
 ``tests/distribute/test_keras_hooks.py`` fails: ``HOOK_CALLS`` counts calls.
@@ -38,17 +39,22 @@ def keras_has_hook_points():
 class StepHooks:
     """Mixin for ``keras.optimizers.Optimizer`` subclasses (TensorFlow backend).
 
-    Subclasses override :meth:`before_update_steps`; ``update_step`` keeps its
-    ordinary Keras meaning and runs after it, per variable.
+    ``apply_update`` is the whole update of one step in cross-replica context,
+    after the gradients are reduced; by default it is Keras's per-variable
+    loop (``update_variables``), which subclasses wrap with work that spans
+    all variables.
     """
 
-    def before_update_steps(self, distribution, grads_and_vars):
-        """Runs once per step, cross-replica, before the per-variable updates."""
+    def apply_update(self, distribution, grads_and_vars, learning_rate):
+        self.update_variables(distribution, grads_and_vars, learning_rate)
+
+    def update_variables(self, distribution, grads_and_vars, learning_rate):
+        """Keras's loop: ``update_step`` for each variable, on each replica."""
+        return super()._distributed_tf_update_step(
+            distribution, grads_and_vars, learning_rate
+        )
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         HOOK_CALLS["update"] += 1
         grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-        self.before_update_steps(distribution, grads_and_vars)
-        return super()._distributed_tf_update_step(
-            distribution, grads_and_vars, learning_rate
-        )
+        return self.apply_update(distribution, grads_and_vars, learning_rate)

@@ -1,16 +1,14 @@
-"""Shampoo's per-step arithmetic for one variable, as pure XLA-compiled functions.
+"""Shampoo's per-step arithmetic for one variable, as pure tensor functions.
 
-Why XLA: on a model of T1's size the step is dominated by per-op executor
-overhead (~17 µs an op on CPU), and Shampoo's per-variable math is ~35 small
-ops (reshape, split, two matmuls and two norms per block, grafting, momentum,
-NaN guards). One compiled kernel per variable and phase fuses them; the NaN
-guard becomes a fused select instead of extra passes or a branch. Variables
-are read before and assigned after the call, so the kernels hold no state and
-run the same under any tf.distribute strategy (SPEC §5: nested
-`jit_compile=True` functions work everywhere).
+Variables are read before and assigned after these calls, so they hold no
+state and run the same under any tf.distribute strategy, inside
+`compile(jit_compile=True)` (where XLA fuses them) or not. They are not
+XLA-compiled on their own: on CPU that measured slower on T1 (the work is
+matmul-bound and XLA's matmul is no faster than oneDNN's) and added seconds of
+compilation for every variable shape.
 
 No Keras here: every input is a tensor, every hyper-parameter a Python value
-captured when the kernel is built.
+in `Hyper`; the caller guards against non-finite gradients.
 """
 
 import dataclasses
@@ -76,75 +74,56 @@ def stochastic_round_to_bfloat16(value, seed):
     return tf.cast(tf.bitcast(truncated, tf.float32), tf.bfloat16)
 
 
-def make_statistics_kernel(plan, hyper):
-    """(grad, [statistics], step) -> [new statistics], unchanged if grad is not finite."""
-
-    @tf.function(jit_compile=True, autograph=False)
-    def kernel(grad, statistics, step):
-        dtype = tf.as_dtype(plan.factors[0].dtype)
-        grad = tf.cast(grad, dtype)
-        finite = all_finite(grad)
-        grad = tf.where(finite, grad, tf.zeros_like(grad))
-        blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
-        updated = []
-        for factor, stored in zip(plan.factors, statistics):
-            old = tf.cast(stored, dtype)
-            g = gram(blocks[factor.block], factor.axis)
-            if hyper.beta2 == 1.0:
-                new = old + g
-            else:
-                beta2 = tf.constant(hyper.beta2, dtype)
-                new = beta2 * old + (1.0 - beta2) * g
-            new = tf.where(finite, new, old)
-            if hyper.bfloat16_statistics:
-                seed = tf.stack([step, tf.constant(factor.index, tf.int32)])
-                new = stochastic_round_to_bfloat16(new, seed)
-            updated.append(tf.cast(new, stored.dtype))
-        return updated
-
-    return kernel
+def updated_statistics(plan, hyper, grad, statistics, step):
+    """New values of the statistics of one variable, in their storage dtypes."""
+    dtype = tf.as_dtype(plan.factors[0].dtype)
+    grad = tf.cast(grad, dtype)
+    blocks = plan.partitioner.partition(tf.reshape(grad, plan.merged_shape))
+    updated = []
+    for factor, stored in zip(plan.factors, statistics):
+        old = tf.cast(stored, dtype)
+        g = gram(blocks[factor.block], factor.axis)
+        if hyper.beta2 == 1.0:
+            new = old + g
+        else:
+            beta2 = tf.constant(hyper.beta2, dtype)
+            new = beta2 * old + (1.0 - beta2) * g
+        if hyper.bfloat16_statistics:
+            seed = tf.stack([step, tf.constant(factor.index, tf.int32)])
+            new = stochastic_round_to_bfloat16(new, seed)
+        updated.append(tf.cast(new, stored.dtype))
+    return updated
 
 
-def make_update_kernel(plan, hyper):
-    """(grad, accumulator, momentum, [preconditioners], step, lr) ->
-    (new accumulator, new momentum, delta); the caller subtracts delta.
-
-    `accumulator` / `momentum` are ignored (pass any tensor) when the grafting
-    type or beta1 needs none. With a non-finite grad nothing changes.
-    """
-
-    @tf.function(jit_compile=True, autograph=False)
-    def kernel(grad, accumulator, momentum, preconditioners, step, lr):
-        dtype = grad.dtype
-        finite = all_finite(grad)
-        grad = tf.where(finite, grad, tf.zeros_like(grad))
-        t = tf.cast(step, dtype)
-        update, new_accumulator = _graft(grad, accumulator, t, hyper)
-        if plan.factors:
-            preconditioned = _preconditioned(plan, grad, update, preconditioners, hyper)
-            update = tf.where(step >= hyper.start_step, preconditioned, update)
-        new_momentum = momentum
-        if hyper.beta1 > 0:
-            beta1 = tf.constant(hyper.beta1, dtype)
-            new_momentum = beta1 * momentum + (1.0 - beta1) * update
-            direction = new_momentum
-            if hyper.nesterov:
-                direction = beta1 * new_momentum + (1.0 - beta1) * update
-            update = direction / (1.0 - tf.pow(beta1, t))
-        delta = tf.where(finite, tf.cast(lr, dtype) * update, tf.zeros_like(update))
-        return (
-            tf.where(finite, new_accumulator, accumulator),
-            tf.where(finite, new_momentum, momentum),
-            delta,
+def update(plan, hyper, grad, accumulator, momentum, preconditioners, step, lr):
+    """(new accumulator, new momentum, delta) of one variable; the caller
+    subtracts delta. `accumulator` / `momentum` are None when the grafting
+    type or beta1 needs none, and so are the returned values."""
+    dtype = grad.dtype
+    t = tf.cast(step, dtype)
+    direction, new_accumulator = _graft(grad, accumulator, t, hyper)
+    if plan.factors:
+        graft = direction
+        direction = tf.cond(
+            step >= hyper.start_step,
+            lambda: _preconditioned(plan, grad, graft, preconditioners, hyper),
+            lambda: graft,
         )
-
-    return kernel
+    new_momentum = None
+    if hyper.beta1 > 0:
+        beta1 = tf.constant(hyper.beta1, dtype)
+        new_momentum = beta1 * momentum + (1.0 - beta1) * direction
+        smoothed = new_momentum
+        if hyper.nesterov:
+            smoothed = beta1 * new_momentum + (1.0 - beta1) * direction
+        direction = smoothed / (1.0 - tf.pow(beta1, t))
+    return new_accumulator, new_momentum, tf.cast(lr, dtype) * direction
 
 
 def _graft(grad, accumulator, t, hyper):
     """The grafting optimizer's update and its new accumulator."""
     if hyper.grafting in ("sgd", None):
-        return grad, accumulator
+        return grad, None
     beta2 = tf.constant(hyper.beta2, grad.dtype)
     if hyper.grafting == "adagrad" or hyper.beta2 == 1.0:
         new = accumulator + tf.square(grad)
