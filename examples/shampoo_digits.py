@@ -59,12 +59,18 @@ def main(argv=None):
             metrics=["accuracy"],
         )
     model.fit(
-        x[:split], y[:split], batch_size=64, epochs=args.epochs,
-        validation_data=(x[split:], y[split:]), verbose=2,
+        x[:split],
+        y[:split],
+        batch_size=64,
+        epochs=args.epochs,
+        validation_data=(x[split:], y[split:]),
+        verbose=2,
     )
     loss, accuracy = model.evaluate(x[split:], y[split:], verbose=0)
-    print(f"held-out accuracy {accuracy:.3f}, root failures "
-          f"{int(model.optimizer.root_failures.numpy())}")
+    print(
+        f"held-out accuracy {accuracy:.3f}, root failures "
+        f"{int(model.optimizer.root_failures.numpy())}"
+    )
     if args.save:
         model.save(args.save)
     return accuracy

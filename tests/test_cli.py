@@ -6,12 +6,27 @@ from tf_secondorder import cli
 
 
 def test_bench_writes_results(tmp_path, capsys):
-    code = cli.main([
-        "bench", "--task", "digits-ae", "--optimizers", "adam,shampoo", "--lrs", "3e-3",
-        "--steps", "100", "--verbose", "0", "--out", str(tmp_path),
-        "--shampoo-option", "precondition_frequency=20",
-        "--shampoo-option", "block_size=256",
-    ])
+    code = cli.main(
+        [
+            "bench",
+            "--task",
+            "digits-ae",
+            "--optimizers",
+            "adam,shampoo",
+            "--lrs",
+            "3e-3",
+            "--steps",
+            "100",
+            "--verbose",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--shampoo-option",
+            "precondition_frequency=20",
+            "--shampoo-option",
+            "block_size=256",
+        ]
+    )
     assert code == 0
     table = capsys.readouterr().out
     assert "steps->tgt" in table and "shampoo" in table

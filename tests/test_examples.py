@@ -11,14 +11,26 @@ def run_example(name, *args):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", name), *args],
-        cwd=ROOT, env=env, check=True, timeout=300, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
     ).stdout
 
 
 def test_shampoo_digits_example(tmp_path):
     out = run_example(
-        "shampoo_digits.py", "--epochs", "3", "--strategy", "mirrored",
-        "--logical-cpus", "2", "--save", str(tmp_path / "digits.keras"),
+        "shampoo_digits.py",
+        "--epochs",
+        "3",
+        "--strategy",
+        "mirrored",
+        "--logical-cpus",
+        "2",
+        "--save",
+        str(tmp_path / "digits.keras"),
     )
     accuracy = float(out.split("held-out accuracy")[1].split(",")[0])
     assert accuracy > 0.8

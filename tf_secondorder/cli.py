@@ -34,16 +34,23 @@ def bench(args):
         for lr in lrs:
             print(f"== {task.name}: {name} lr={lr:g}", flush=True)
             options = shampoo_options if name == "shampoo" else None
-            results.append(runner.run(task, name, lr, options, seed=args.seed,
-                                      verbose=args.verbose))
+            results.append(
+                runner.run(
+                    task, name, lr, options, seed=args.seed, verbose=args.verbose
+                )
+            )
     summary = runner.summarize(task, results)
     print(runner.format_table(summary, results))
     report = {
         **summary,
         "steps": task.steps,
         "command": " ".join(["tf-secondorder"] + sys.argv[1:]),
-        "versions": {"tf_secondorder": __version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "python": platform.python_version()},
+        "versions": {
+            "tf_secondorder": __version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": platform.python_version(),
+        },
         "task_info": task.info,
         "runs": results,
     }
@@ -60,13 +67,21 @@ def main(argv=None):
     b = sub.add_parser("bench", help="train optimizers on a benchmark task and compare")
     b.add_argument("--task", default="digits-ae")
     b.add_argument("--optimizers", default="adam,shampoo")
-    b.add_argument("--lrs", default=None, help="comma-separated; default: the task's grid")
+    b.add_argument(
+        "--lrs", default=None, help="comma-separated; default: the task's grid"
+    )
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--shampoo-option", action="append", metavar="KEY=VALUE",
-                   help="Shampoo argument for this run, e.g. precondition_frequency=50")
+    b.add_argument(
+        "--shampoo-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="Shampoo argument for this run, e.g. precondition_frequency=50",
+    )
     b.add_argument("--out", default="bench_out")
-    b.add_argument("--verbose", type=int, default=1, help="Keras progress bar (0, 1, 2)")
+    b.add_argument(
+        "--verbose", type=int, default=1, help="Keras progress bar (0, 1, 2)"
+    )
     b.set_defaults(func=bench)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -42,8 +42,10 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{'n':>5} {'batch':>5} {'matmul GF/s':>12} {'newton s':>9} {'iters':>6} "
-          f"{'newton GF/s':>12} {'fraction':>8} {'eigh f32 s':>10} {'eigh f64 s':>10}")
+    print(
+        f"{'n':>5} {'batch':>5} {'matmul GF/s':>12} {'newton s':>9} {'iters':>6} "
+        f"{'newton GF/s':>12} {'fraction':>8} {'eigh f32 s':>10} {'eigh f64 s':>10}"
+    )
     for n in (int(s) for s in args.sizes.split(",")):
         print(measure(n, args.batch, rng))
 
@@ -59,9 +61,12 @@ def measure(n, batch, rng):
     t_eigh64 = timed(
         lambda: inverse_pth_root(a, 4, 1e-6, "eigh", compute_dtype="float64")[0].numpy()
     )
-    return (f"{n:>5} {batch:>5} {rate / 1e9:>12.1f} {t_newton:>9.3f} {iters:>6} "
-            f"{newton_rate / 1e9:>12.1f} {newton_rate / rate:>8.2f} {t_eigh32:>10.3f} "
-            f"{t_eigh64:>10.3f}")
+    return (
+        f"{n:>5} {batch:>5} {rate / 1e9:>12.1f} {t_newton:>9.3f} {iters:>6} "
+        f"{newton_rate / 1e9:>12.1f} {newton_rate / rate:>8.2f} {t_eigh32:>10.3f} "
+        f"{t_eigh64:>10.3f}"
+    )
+
 
 if __name__ == "__main__":
     main()

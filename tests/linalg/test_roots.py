@@ -49,7 +49,9 @@ def test_float32_methods_against_reference_of_rounded_input(rng, kappa):
     overton = min(kappa, 1e6) / 4 * 2.0**-24
     assert rel_error(eigh_root.numpy(), reference(a32, 4, 1e-6)) < 2 * overton + 1e-5
     # A float64 eigensolve of the same float32 input is exact.
-    exact, _, _ = inverse_pth_root(tf.constant(a32), 4, 1e-12, "eigh", compute_dtype="float64")
+    exact, _, _ = inverse_pth_root(
+        tf.constant(a32), 4, 1e-12, "eigh", compute_dtype="float64"
+    )
     assert exact.dtype == tf.float32
     assert rel_error(exact.numpy(), reference(a32, 4, 1e-12)) < 1e-6
     # Coupled Newton floors the relative ridge at 10 ulps of float32.
@@ -93,7 +95,9 @@ def test_non_finite_input_is_rejected_alone(rng, method):
     bad[1, 2] = np.nan
     inf = good.copy()
     inf[0, 0] = np.inf
-    roots, ok, _ = inverse_pth_root(tf.constant(np.stack([good, bad, inf])), 2, method=method)
+    roots, ok, _ = inverse_pth_root(
+        tf.constant(np.stack([good, bad, inf])), 2, method=method
+    )
     assert ok.numpy().tolist() == [True, False, False]
     assert np.all(np.isfinite(roots.numpy()[0]))
 
@@ -104,12 +108,16 @@ def test_batched_equals_one_by_one(rng, method):
     batched, _, _ = inverse_pth_root(tf.constant(mats), 4, 1e-10, method)
     for i, m in enumerate(mats):
         single, _, _ = inverse_pth_root(tf.constant(m), 4, 1e-10, method)
-        np.testing.assert_allclose(batched.numpy()[i], single.numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            batched.numpy()[i], single.numpy(), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_coupled_newton_iteration_cap_marks_failure(rng):
     a = spd(rng, 16, 1e8)
-    _, ok, error = inverse_pth_root(tf.constant(a), 4, 1e-12, "coupled_newton", max_iterations=3)
+    _, ok, error = inverse_pth_root(
+        tf.constant(a), 4, 1e-12, "coupled_newton", max_iterations=3
+    )
     assert not bool(ok) and float(error) > 0.1
 
 

@@ -29,7 +29,9 @@ def main():
         model = mlp(seed=99)  # different init: everything must come from the checkpoint
         opt = tfso.Shampoo(**json.loads(args.config))
         opt.build(model.trainable_variables)
-        tf.train.Checkpoint(model=model, optimizer=opt).read(args.path).assert_consumed()
+        tf.train.Checkpoint(model=model, optimizer=opt).read(
+            args.path
+        ).assert_consumed()
         model.compile(optimizer=opt, loss="mse")
     loaded_state = optimizer_state(model.optimizer)
     model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)

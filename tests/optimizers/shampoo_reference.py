@@ -110,7 +110,9 @@ class NumpyShampoo:
                 blk = gm[st["blocks"][b]]
                 others = [i for i in range(blk.ndim) if i != a]
                 gram = np.tensordot(blk, blk, axes=(others, others))
-                st["stats"][b, a] = s + gram if self.b2 == 1 else self.b2 * s + (1 - self.b2) * gram
+                st["stats"][b, a] = (
+                    s + gram if self.b2 == 1 else self.b2 * s + (1 - self.b2) * gram
+                )
         if t >= self.start and (t - self.start) % self.freq == 0:
             for st in self.params:
                 for key, s in st["stats"].items():
@@ -132,10 +134,16 @@ class NumpyShampoo:
                     blk = gm[slices]
                     for a in range(blk.ndim):
                         if (b, a) in st["roots"]:
-                            moved = np.tensordot(st["roots"][b, a], blk, axes=([1], [a]))
+                            moved = np.tensordot(
+                                st["roots"][b, a], blk, axes=([1], [a])
+                            )
                             blk = np.moveaxis(moved, 0, a)
                     if self.grafting is not None:
-                        blk = blk * np.linalg.norm(um[slices]) / (np.linalg.norm(blk) + 1e-16)
+                        blk = (
+                            blk
+                            * np.linalg.norm(um[slices])
+                            / (np.linalg.norm(blk) + 1e-16)
+                        )
                     d[slices] = blk
                 u = d.reshape(st["shape"])
             if self.b1 > 0:

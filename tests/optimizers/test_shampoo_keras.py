@@ -24,7 +24,9 @@ SHAMPOO = dict(learning_rate=0.01, precondition_frequency=3, block_size=8, epsil
 def fit(model, optimizer, epochs=3, batch_size=16, **compile_kwargs):
     x, y = regression_data()
     model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
-    history = model.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0)
+    history = model.fit(
+        x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0
+    )
     return history.history["loss"]
 
 
@@ -121,9 +123,13 @@ def test_embedding_sparse_gradients():
     y = (x.sum(axis=1) % 2).astype("int32")
     with tf.GradientTape() as tape:
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x))
-    assert isinstance(tape.gradient(loss, model.trainable_variables)[0], tf.IndexedSlices)
+    assert isinstance(
+        tape.gradient(loss, model.trainable_variables)[0], tf.IndexedSlices
+    )
     opt = tfso.Shampoo(max_preconditioned_dim=32, **SHAMPOO)
-    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     before = model.layers[0].embeddings.numpy().copy()
     history = model.fit(x, y, epochs=3, batch_size=16, verbose=0)
     after = model.layers[0].embeddings.numpy()
@@ -133,7 +139,10 @@ def test_embedding_sparse_gradients():
 
 
 def test_nan_gradient_leaves_weights_and_state_unchanged():
-    variables = [keras.Variable(np.ones((4, 3), "float32")), keras.Variable(np.ones(3, "float32"))]
+    variables = [
+        keras.Variable(np.ones((4, 3), "float32")),
+        keras.Variable(np.ones(3, "float32")),
+    ]
     opt = tfso.Shampoo(precondition_frequency=1)
     good = [tf.ones((4, 3)), tf.ones(3)]
     opt.apply(good, variables)
@@ -144,7 +153,9 @@ def test_nan_gradient_leaves_weights_and_state_unchanged():
     for v, w in zip(variables, weights):
         np.testing.assert_array_equal(v.numpy(), w)
     after = optimizer_state(opt)
-    changed = [i for i, (a, b) in enumerate(zip(state, after)) if not np.array_equal(a, b)]
+    changed = [
+        i for i, (a, b) in enumerate(zip(state, after)) if not np.array_equal(a, b)
+    ]
     names = [opt.variables[i].path for i in changed]
     assert sorted(n.split("/")[-1] for n in names) == ["iteration", "nonfinite_steps"]
     assert int(opt.nonfinite_steps.numpy()) == 1

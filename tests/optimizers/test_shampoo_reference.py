@@ -60,7 +60,13 @@ BASE = dict(
         dict(grafting="rmsprop", exponent_override=2, weight_decay=0.1),
         dict(grafting=None, beta2=1.0),
     ],
-    ids=["adam", "sgd-nesterov-stats3", "adagrad-nomomentum", "rmsprop-exp2-wd", "none-sum"],
+    ids=[
+        "adam",
+        "sgd-nesterov-stats3",
+        "adagrad-nomomentum",
+        "rmsprop-exp2-wd",
+        "none-sum",
+    ],
 )
 def test_matches_reference_float64(options):
     got, want, opt = _run_both("float64", SHAPES, STEPS, **BASE, **options)

@@ -37,9 +37,20 @@ def train(model, opt, epochs):
 def run_fresh_process(mode, path, out):
     env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     subprocess.run(
-        [sys.executable, "-m", "tests.optimizers.resume_worker", mode, path, out,
-         "--config", json.dumps(CONFIG)],
-        cwd=ROOT, env=env, check=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "tests.optimizers.resume_worker",
+            mode,
+            path,
+            out,
+            "--config",
+            json.dumps(CONFIG),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
     )
     return np.load(out)
 
@@ -60,7 +71,9 @@ def test_save_load_resume_in_fresh_process(tmp_path, uninterrupted, mode):
         path = str(tmp_path / "model.keras")
         model.save(path)
     else:
-        path = tf.train.Checkpoint(model=model, optimizer=opt).write(str(tmp_path / "ckpt"))
+        path = tf.train.Checkpoint(model=model, optimizer=opt).write(
+            str(tmp_path / "ckpt")
+        )
     saved_state = optimizer_state(opt)
     result = run_fresh_process(mode, path, str(tmp_path / "out.npz"))
     assert int(result["iterations"]) == 16
@@ -78,7 +91,9 @@ def test_resume_differs_without_optimizer_state(tmp_path, uninterrupted):
     restarted = mlp()
     restarted.set_weights(model.get_weights())
     train(restarted, tfso.Shampoo(**CONFIG), epochs=1)
-    diff = max(np.abs(a - b).max() for a, b in zip(weights_of(restarted), uninterrupted))
+    diff = max(
+        np.abs(a - b).max() for a, b in zip(weights_of(restarted), uninterrupted)
+    )
     assert diff > 1e-3
 
 
@@ -88,7 +103,9 @@ def test_export_serves(tmp_path):
     x, _ = regression_data(n=10, seed=5)
     model.export(str(tmp_path / "served"), verbose=False)
     served = tf.saved_model.load(str(tmp_path / "served"))
-    np.testing.assert_allclose(served.serve(x).numpy(), model.predict(x, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        served.serve(x).numpy(), model.predict(x, verbose=0), rtol=1e-5
+    )
 
 
 def test_config_round_trip():

@@ -127,8 +127,12 @@ def pydoc_language_model(steps=2000, context=128, batch_size=32, eval_windows=25
         make_dataset=make_dataset,
         evaluate=evaluate,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        info={"corpus_sha256": sha256, "corpus_bytes": int(len(data)),
-              "metric": "held-out loss (nats/byte)", "tokens_per_step": batch_size * context},
+        info={
+            "corpus_sha256": sha256,
+            "corpus_bytes": int(len(data)),
+            "metric": "held-out loss (nats/byte)",
+            "tokens_per_step": batch_size * context,
+        },
     )
 
 
@@ -137,5 +141,7 @@ TASKS = {"digits-ae": digits_autoencoder, "pydoc-lm": pydoc_language_model}
 
 def get_task(name, steps=None):
     if name not in TASKS:
-        raise ValueError(f"`task` must be one of {sorted(TASKS)}. Received: task={name!r}")
+        raise ValueError(
+            f"`task` must be one of {sorted(TASKS)}. Received: task={name!r}"
+        )
     return TASKS[name]() if steps is None else TASKS[name](steps=steps)

@@ -53,9 +53,7 @@ class BlockPartitioner:
         self.shape = [int(d) for d in shape]
         self.block_size = int(block_size)
         self.splits = [split_sizes(d, block_size) for d in self.shape]
-        self.block_shapes = [
-            list(s) for s in itertools.product(*self.splits)
-        ] or [[]]
+        self.block_shapes = [list(s) for s in itertools.product(*self.splits)] or [[]]
 
     @property
     def num_blocks(self):
@@ -68,9 +66,7 @@ class BlockPartitioner:
             if len(sizes) == 1:
                 continue
             blocks = [
-                piece
-                for block in blocks
-                for piece in tf.split(block, sizes, axis=axis)
+                piece for block in blocks for piece in tf.split(block, sizes, axis=axis)
             ]
         return blocks
 

@@ -100,7 +100,10 @@ def inverse_pth_root(
                 f"coupled_newton needs a positive integer root. Received: p={p}"
             )
         roots, ok, error, _ = _coupled_newton_root(
-            tf.cast(matrices, compute_dtype), int(p), float(epsilon), int(max_iterations)
+            tf.cast(matrices, compute_dtype),
+            int(p),
+            float(epsilon),
+            int(max_iterations),
         )
     roots, error = tf.cast(roots, in_dtype), tf.cast(error, in_dtype)
     if single:
@@ -205,8 +208,10 @@ def _coupled_newton_root(matrices, p, epsilon, max_iterations):
         new_h = tf.matmul(h, m_i)
         new_error = max_error(new_m)
         # Stop a matrix once its error grows: rounding has taken over.
-        improved = active & (new_error < 1.2 * error) & tf.reduce_all(
-            tf.math.is_finite(new_m), axis=[-2, -1]
+        improved = (
+            active
+            & (new_error < 1.2 * error)
+            & tf.reduce_all(tf.math.is_finite(new_m), axis=[-2, -1])
         )
         keep = improved[:, None, None]
         m = tf.where(keep, new_m, m)

@@ -144,7 +144,9 @@ def _preconditioned(plan, grad, graft, preconditioners, hyper):
     for b, block in enumerate(grad_blocks):
         factors = [None] * block.shape.rank
         for factor in plan.factors_of_block[b]:
-            factors[factor.axis] = tf.cast(preconditioners[factor.index - first], block.dtype)
+            factors[factor.axis] = tf.cast(
+                preconditioners[factor.index - first], block.dtype
+            )
         direction = precondition(block, factors)
         if hyper.grafting is not None:
             direction *= tf.norm(graft_blocks[b]) / (tf.norm(direction) + 1e-16)

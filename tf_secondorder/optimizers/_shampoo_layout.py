@@ -50,8 +50,14 @@ class ShampooLayout:
         dtypes: compute dtype of each variable's factors (default float32).
     """
 
-    def __init__(self, shapes, block_size, max_preconditioned_dim=None,
-                 exponent_override=None, dtypes=None):
+    def __init__(
+        self,
+        shapes,
+        block_size,
+        max_preconditioned_dim=None,
+        exponent_override=None,
+        dtypes=None,
+    ):
         dtypes = dtypes or ["float32"] * len(shapes)
         self.plans = []
         self.factors = []

@@ -10,7 +10,9 @@ def _fail(name, value, accepted):
 def learning_rate(value):
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         if not value >= 0:
-            _fail("learning_rate", value, "a non-negative float, a schedule or a callable")
+            _fail(
+                "learning_rate", value, "a non-negative float, a schedule or a callable"
+            )
     return value
 
 
@@ -32,9 +34,15 @@ def integer(name, value, minimum, optional=False):
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         if not (isinstance(value, float) and value.is_integer()):
-            _fail(name, value, f"an integer >= {minimum}" + (" or None" if optional else ""))
+            _fail(
+                name,
+                value,
+                f"an integer >= {minimum}" + (" or None" if optional else ""),
+            )
     if value < minimum:
-        _fail(name, value, f"an integer >= {minimum}" + (" or None" if optional else ""))
+        _fail(
+            name, value, f"an integer >= {minimum}" + (" or None" if optional else "")
+        )
     return int(value)
 
 

@@ -218,11 +218,17 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         if self.beta1 > 0:
             self._momentums = self.add_optimizer_variables(var_list, "momentum")
         self._root_failures = self.add_variable(
-            (), initializer="zeros", dtype="int64", name="root_failures",
+            (),
+            initializer="zeros",
+            dtype="int64",
+            name="root_failures",
             aggregation="only_first_replica",
         )
         self._nonfinite_steps = self.add_variable(
-            (), initializer="zeros", dtype="int64", name="nonfinite_steps",
+            (),
+            initializer="zeros",
+            dtype="int64",
+            name="nonfinite_steps",
             aggregation="only_first_replica",
         )
         self._resolved_root_method = resolve_root_method(self.root_method)
@@ -264,7 +270,9 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             if self.statistics_frequency == 1:
                 update_statistics()
             else:
-                tf.cond(number % self.statistics_frequency == 0, update_statistics, _no_op)
+                tf.cond(
+                    number % self.statistics_frequency == 0, update_statistics, _no_op
+                )
             since_start = number - self.start_step
             refresh = (since_start >= 0) & (
                 since_start % self.precondition_frequency == 0
@@ -298,7 +306,10 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         for (_, exponent, dtype), indices in self._layout.root_groups.items():
             stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
             roots, ok, _ = inverse_pth_root(
-                stats, exponent, self.epsilon, self._resolved_root_method,
+                stats,
+                exponent,
+                self.epsilon,
+                self._resolved_root_method,
                 compute_dtype=dtype,
             )
             for k, i in enumerate(indices):
