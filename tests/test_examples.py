@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,6 +22,7 @@ def run_example(name, *args):
     ).stdout
 
 
+@pytest.mark.slow
 def test_shampoo_digits_example(tmp_path):
     out = run_example(
         "shampoo_digits.py",

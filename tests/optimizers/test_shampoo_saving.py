@@ -62,6 +62,7 @@ def uninterrupted():
     return weights_of(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["keras", "checkpoint"])
 def test_save_load_resume_in_fresh_process(tmp_path, uninterrupted, mode):
     model = mlp()

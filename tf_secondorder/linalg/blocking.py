@@ -7,7 +7,6 @@ grid of blocks whose sides are at most ``block_size``.
 """
 
 import itertools
-import math
 
 import tensorflow as tf
 
@@ -89,7 +88,3 @@ class BlockPartitioner:
             f"BlockPartitioner(shape={self.shape}, block_size={self.block_size},"
             f" blocks={self.num_blocks})"
         )
-
-
-def num_elements(shape):
-    return math.prod(int(d) for d in shape)

@@ -96,7 +96,3 @@ class ShampooLayout:
                 VariablePlan(shape, merged, partitioner, plan_factors, factors_of_block)
             )
         self.root_groups = dict(self.root_groups)
-
-    def statistics_elements(self):
-        """Number of scalars held by all statistics (or all preconditioners)."""
-        return sum(f.size * f.size for f in self.factors)
