@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from tf_secondorder import linalg  # noqa: E402
-from tf_secondorder.optimizers import Shampoo  # noqa: E402
+from tf_secondorder import callbacks, compression, linalg  # noqa: E402
+from tf_secondorder.distribute.wrapping import distributed, distributed_class  # noqa: E402
+from tf_secondorder.optimizers import Shampoo, SignSGD  # noqa: E402
 
-__all__ = ["Shampoo", "linalg", "__version__"]
+__all__ = [
+    "Shampoo",
+    "SignSGD",
+    "callbacks",
+    "compression",
+    "distributed",
+    "distributed_class",
+    "linalg",
+    "__version__",
+]

@@ -3,7 +3,7 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.distribute._keras_hooks import StepHooks
+from tf_secondorder.distribute import Communication
 from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
 from tf_secondorder.optimizers import _shampoo_kernels as kernels
 from tf_secondorder.optimizers import _validate
@@ -14,7 +14,7 @@ STATISTICS_DTYPES = (None, "float32", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
-class Shampoo(StepHooks, keras.optimizers.Optimizer):
+class Shampoo(Communication, keras.optimizers.Optimizer):
     """Blocked Shampoo with grafting, momentum and decoupled weight decay.
 
     Each parameter is reshaped (size-1 dims squeezed, adjacent small dims
@@ -71,6 +71,10 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             per step in cross-replica context and broadcast to the replicas of
             a host, so no replica repeats another's work; splitting them
             across hosts is not implemented yet.
+        compression, error_feedback, aggregation: what replicas send each
+            other (see `tfso.distribute.Communication`): a compressor name
+            or instance, error feedback (`None` = on for biased
+            compressors), `"mean"` or `"majority_vote"`.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -101,6 +105,9 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         root_method="auto",
         statistics_dtype=None,
         distribute_roots="auto",
+        compression=None,
+        error_feedback=None,
+        aggregation="mean",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -161,6 +168,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
         self.distribute_roots = _validate.choice(
             "distribute_roots", distribute_roots, ("auto", True, False)
         )
+        self._init_communication(compression, error_feedback, aggregation)
 
     @property
     def start_step(self):
@@ -231,6 +239,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
             name="nonfinite_steps",
             aggregation="only_first_replica",
         )
+        self.build_communication(var_list)
         self._resolved_root_method = resolve_root_method(self.root_method)
         self._hyper = kernels.Hyper(
             beta1=self.beta1,
@@ -360,6 +369,7 @@ class Shampoo(StepHooks, keras.optimizers.Optimizer):
                 "root_method": self.root_method,
                 "statistics_dtype": self.statistics_dtype,
                 "distribute_roots": self.distribute_roots,
+                **self.communication_config(),
             }
         )
         return config

@@ -1,0 +1,5 @@
+"""Keras callbacks of tf_secondorder."""
+
+from tf_secondorder.callbacks.communication import CommunicationStats
+
+__all__ = ["CommunicationStats"]
