@@ -34,9 +34,15 @@ def seeded():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def mirrored():
-    """A MirroredStrategy over the 2 logical CPU devices."""
+    """One MirroredStrategy over the 2 logical CPU devices, for the whole session.
+
+    Strategies over the same devices share collective group keys and restart
+    their instance keys, so a second strategy in the process can reuse an
+    instance key with another dtype ("Collective instance 100 expected ...
+    data_type 1 but got ... 19"). One strategy keeps the keys increasing.
+    """
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     return tf.distribute.MirroredStrategy(devices)
 

@@ -242,10 +242,12 @@ class Communication(StepHooks):
         }
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)
+        # Keras's loop, except that per-replica state is stored per replica.
         for i, variable in enumerate(self.variables):
             if isinstance(variable, ReplicaLocalVariable):
                 store[str(i)] = variable.replica_values()
+            else:
+                store[str(i)] = variable.numpy()
 
     def load_own_variables(self, store):
         per_replica = {}

@@ -72,7 +72,10 @@ class RandomK(Compressor):
         d = _size(shape)
         k = _k(self.ratio, d)
         positions = tf.range(k, dtype=tf.int64)
-        return tf.random.experimental.index_shuffle(positions, seed, d - 1), d / k
+        # index_shuffle mixes its key weakly (nearby seeds give nearby
+        # permutations); hash the seed first.
+        key = tf.random.experimental.stateless_split(seed, 1)[0]
+        return tf.random.experimental.index_shuffle(positions, key, d - 1), d / k
 
     def compress(self, x, seed):
         indices, scale = self._indices(x.shape, seed)

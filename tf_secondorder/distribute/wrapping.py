@@ -18,6 +18,8 @@ from tf_secondorder.distribute.communication import Communication
 
 _CLASSES = {}
 _OPTIONS = ("compression", "error_feedback", "aggregation")
+# Keras optimizers that wrap others: wrap their inner optimizers instead.
+_WRAPPERS = ("LossScaleOptimizer", "MultiOptimizer", "OptimizerMap")
 
 
 def _build(self, var_list):
@@ -115,7 +117,7 @@ def _register_builtin_optimizers():
             and issubclass(value, keras.optimizers.Optimizer)
             and value is not keras.optimizers.Optimizer
             and not getattr(value, "__abstractmethods__", None)
-            and value.__name__ != "LossScaleOptimizer"
+            and value.__name__ not in _WRAPPERS
         ):
             distributed_class(value)
 
