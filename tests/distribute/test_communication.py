@@ -173,6 +173,7 @@ def test_majority_vote_applies_sign_of_sum_of_signs(mirrored):
     grads[1, :10] = -grads[0, :10]  # ties on 10 elements: sign(0) = +1
     grads[1, 10:20] = 3 * grads[0, 10:20]  # agreement
     expected_vote = np.where(np.sign(np.where(grads < 0, -1, 1)).sum(0) >= 0, 1.0, -1.0)
+    table = tf.constant(grads)
     for make in (
         lambda: tfso.SignSGD(learning_rate=1.0),
         lambda: tfso.distributed(
@@ -183,7 +184,6 @@ def test_majority_vote_applies_sign_of_sum_of_signs(mirrored):
             variable = keras.Variable(np.zeros(40, np.float32))
             optimizer = make()
             optimizer.build([variable])
-        table = tf.constant(grads)
         values = _apply_on_replicas(
             mirrored, optimizer, variable, lambda r, v: table[r]
         )
