@@ -94,11 +94,13 @@ def bytes_table(mirrored):
     return rows
 
 
-def t1_table(mirrored, steps):
+def t1_table(mirrored, steps, only=None):
     task = get_task("digits-ae", steps=steps)
     rows = []
     settings = SETTINGS + [("SignSGD, majority vote (lr 1e-4)", None, {})]
     for label, compression, options in settings:
+        if only and label not in only and label != settings[0][0]:
+            continue
         with mirrored.scope():
             model = task.make_model(0)
             if compression is None:
@@ -132,6 +134,9 @@ def main(argv=None):
     parser.add_argument("--skip-t1", action="store_true")
     parser.add_argument("--t1-steps", type=int, default=2000)
     parser.add_argument("--out", default="comm_results.json")
+    parser.add_argument(
+        "--only", default=None, help="T1 settings to run, labels separated by |"
+    )
     args = parser.parse_args(argv)
     mirrored = strategy()
     results = {"bytes": bytes_table(mirrored)}
@@ -143,7 +148,8 @@ def main(argv=None):
             f"(1/{1 / row['vs_float32']:.1f}) | {row['rounds_per_step']} |"
         )
     if not args.skip_t1:
-        results["t1"] = t1_table(mirrored, args.t1_steps)
+        only = args.only.split("|") if args.only else None
+        results["t1"] = t1_table(mirrored, args.t1_steps, only)
         print(f"\nT1 digits-ae, {args.t1_steps} steps, 2 replicas")
         print("| setting | final MSE | vs float32 | bytes/replica/step | wall s |")
         print("|---|---|---|---|---|")
