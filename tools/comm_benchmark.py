@@ -52,7 +52,9 @@ SETTINGS = [
 
 
 def strategy():
-    return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    return tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")]
+    )
 
 
 def bytes_table(mirrored):
@@ -83,7 +85,9 @@ def bytes_table(mirrored):
         rows.append(
             {
                 "setting": label,
-                "parameters": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
+                "parameters": int(
+                    sum(np.prod(w.shape) for w in model.trainable_weights)
+                ),
                 "bytes_per_step": stats["bytes_per_step"],
                 "rounds_per_step": stats["rounds"] // 2,
             }
