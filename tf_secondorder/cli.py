@@ -61,6 +61,32 @@ def bench(args):
     return 0
 
 
+def launch(args):
+    from tf_secondorder.distribute import launch as launcher
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        print("tf-secondorder launch: give the command after --", file=sys.stderr)
+        return 2
+    if args.rate is not None:
+        try:
+            launcher.rate_bits_per_second(args.rate)
+        except ValueError as e:
+            print(f"tf-secondorder launch: {e}", file=sys.stderr)
+            return 2
+    try:
+        return launcher.launch(
+            command,
+            workers=args.workers,
+            rate=args.rate,
+            timeout=args.timeout,
+            max_restarts=args.max_restarts,
+        )
+    except (launcher.LaunchError, ValueError) as e:
+        print(f"tf-secondorder launch: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="tf-secondorder")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +109,29 @@ def main(argv=None):
         "--verbose", type=int, default=1, help="Keras progress bar (0, 1, 2)"
     )
     b.set_defaults(func=bench)
+    lp = sub.add_parser(
+        "launch",
+        help="run a script as N MultiWorkerMirroredStrategy workers on 127.0.0.1",
+        description="Example: tf-secondorder launch --workers 2 --rate 1gbit "
+        "-- python train.py --epochs 3",
+    )
+    lp.add_argument("--workers", type=int, default=2)
+    lp.add_argument(
+        "--rate",
+        default=None,
+        help="limit the workers' network to this tc rate (e.g. 100mbit, 1gbit); "
+        "runs them in a private network namespace (needs root)",
+    )
+    lp.add_argument("--timeout", type=float, default=None, help="seconds")
+    lp.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="restart all workers up to this many times after a failure "
+        "(with tfso.callbacks.BackupAndRestore, training resumes)",
+    )
+    lp.add_argument("cmd", nargs=argparse.REMAINDER, help="-- program and arguments")
+    lp.set_defaults(func=launch)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -24,11 +24,17 @@ Per-replica optimizer state (error-feedback memory, Signum momentum) lives in
 ``ReplicaLocalVariable``: a sync-on-read variable that TF would save as the
 sum over replicas; it saves and restores every replica's own value instead.
 
+``install_multi_worker_fit_fix`` works around two Keras 3.15 bugs that stop
+``model.fit`` under MultiWorkerMirroredStrategy (keras-team/keras#20585); see
+its docstring.
+
 If a Keras upgrade renames or stops calling a hooked method, the tests in
 ``tests/distribute/test_keras_hooks.py`` fail: ``HOOK_CALLS`` counts calls.
 """
 
 import collections
+import inspect
+import re
 import warnings
 
 import keras
@@ -174,3 +180,144 @@ def add_replica_local_variable(
                 )
     optimizer._track_variable(variable)
     return variable
+
+
+# --- MultiWorkerMirroredStrategy + model.fit (keras-team/keras#20585) -------
+#
+# Keras 3.15.1 fails twice under a multi-worker strategy:
+# 1. ``TensorFlowTrainer._maybe_symbolic_build`` takes one distributed batch
+#    to build the model and calls ``strategy.reduce("MEAN", batch, axis=None)``
+#    on it, which MultiWorkerMirroredStrategy cannot do eagerly. The batch only
+#    provides shapes, so a local replica's batch serves as well.
+# 2. ``reduce_per_replica`` reduces the step's logs (scalars) with
+#    ``strategy.reduce("MEAN", v, axis=0)``: axis 0 does not exist on a
+#    scalar and would average over the batch for anything else. Keras's
+#    single-worker path means the elementwise mean over replicas, i.e.
+#    ``axis=None``.
+# Each fix is installed only while the installed Keras source still shows the
+# bug, and acts only when the model's strategy is in multi-worker mode.
+
+_SYMBOLIC_BUILD_BUG = re.compile(r"distribute_strategy\.reduce\(")
+_REDUCE_AXIS_BUG = re.compile(r"strategy\.reduce\(\s*\"MEAN\",\s*v,\s*axis=0\s*\)")
+_ORIGINALS = {}
+
+
+def _trainer_module():
+    from keras.src.backend.tensorflow import trainer
+
+    return trainer
+
+
+def _source(function):
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+
+
+def symbolic_build_has_bug(source):
+    """Whether `_maybe_symbolic_build`'s source reduces the sample batch."""
+    return bool(source) and bool(_SYMBOLIC_BUILD_BUG.search(source))
+
+
+def reduce_per_replica_has_bug(source):
+    """Whether `reduce_per_replica`'s source reduces multi-worker logs on axis 0."""
+    return bool(source) and bool(_REDUCE_AXIS_BUG.search(source))
+
+
+def in_multi_worker_mode(strategy):
+    """True for a MultiWorkerMirroredStrategy with more than one worker."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
+
+
+def multi_worker_fixes_needed():
+    """{"symbolic_build": bool, "reduce_per_replica": bool} for this Keras."""
+    trainer = _trainer_module()
+    build = _ORIGINALS.get(
+        "symbolic_build", trainer.TensorFlowTrainer._maybe_symbolic_build
+    )
+    reduce = _ORIGINALS.get("reduce_per_replica", trainer.reduce_per_replica)
+    return {
+        "symbolic_build": symbolic_build_has_bug(_source(build)),
+        "reduce_per_replica": reduce_per_replica_has_bug(_source(reduce)),
+    }
+
+
+def _local_batch(strategy, iterator):
+    for _, _, it in iterator:
+        batch = next(it)
+        return tf.nest.map_structure(
+            lambda x: (
+                strategy.experimental_local_results(x)[0]
+                if isinstance(x, tf.distribute.DistributedValues)
+                else x
+            ),
+            batch,
+        )
+    return None
+
+
+def install_multi_worker_fit_fix():
+    """Patches what `multi_worker_fixes_needed()` reports; returns what it patched.
+
+    Idempotent. Under any other strategy the patched functions run Keras's
+    own code unchanged.
+    """
+    trainer = _trainer_module()
+    needed = multi_worker_fixes_needed()
+    installed = []
+    if needed["symbolic_build"]:
+        original = _ORIGINALS.setdefault(
+            "symbolic_build", trainer.TensorFlowTrainer._maybe_symbolic_build
+        )
+
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            strategy = self._distribute_strategy
+            if iterator is not None and in_multi_worker_mode(strategy):
+                HOOK_CALLS["multi_worker_build"] += 1
+                data_batch, iterator = _local_batch(strategy, iterator), None
+            return original(self, iterator=iterator, data_batch=data_batch)
+
+        trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+        installed.append("symbolic_build")
+    if needed["reduce_per_replica"]:
+        original_reduce = _ORIGINALS.setdefault(
+            "reduce_per_replica", trainer.reduce_per_replica
+        )
+
+        def reduce_per_replica(values, strategy, reduction):
+            if reduction in ("auto", "mean") and in_multi_worker_mode(strategy):
+                HOOK_CALLS["multi_worker_reduce"] += 1
+                return tf.nest.map_structure(
+                    lambda v: strategy.reduce("MEAN", v, axis=None), values
+                )
+            return original_reduce(values, strategy, reduction)
+
+        trainer.reduce_per_replica = reduce_per_replica
+        installed.append("reduce_per_replica")
+    return installed
+
+
+def uninstall_multi_worker_fit_fix():
+    """Restores Keras's own functions (for tests)."""
+    trainer = _trainer_module()
+    if "symbolic_build" in _ORIGINALS:
+        trainer.TensorFlowTrainer._maybe_symbolic_build = _ORIGINALS.pop(
+            "symbolic_build"
+        )
+    if "reduce_per_replica" in _ORIGINALS:
+        trainer.reduce_per_replica = _ORIGINALS.pop("reduce_per_replica")
+
+
+def worker_index(strategy):
+    """This process's task index under a multi-worker strategy, else 0."""
+    if not in_multi_worker_mode(strategy):
+        return 0
+    return int(strategy.cluster_resolver.task_id or 0)
+
+
+def set_initial_epoch(model, epoch):
+    """Makes the next `fit` start at `epoch` (what Keras's BackupAndRestore does)."""
+    model._initial_epoch = int(epoch)
