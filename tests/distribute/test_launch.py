@@ -158,7 +158,18 @@ def _netns_names():
     return {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def _can_make_namespaces():
+    if os.geteuid() != 0:
+        return False
+    name = f"tfso-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return made.returncode == 0
+
+
+@pytest.mark.skipif(
+    not _can_make_namespaces(), reason="network namespaces need root (CAP_SYS_ADMIN)"
+)
 def test_rate_limited_network_is_real_and_removed(tmp_path):
     """Worker 1 sends 2 MB to worker 0 over a 10 Mbit/s loopback: >= ~1.4 s."""
     result = tmp_path / "seconds"
@@ -196,3 +207,26 @@ def test_rate_limited_network_is_real_and_removed(tmp_path):
     assert launcher.launch(command, workers=2, out=io.StringIO()) == 0
     assert float(result.read_text()) < 0.5
     assert time.monotonic() - start < 30
+
+
+def test_sigterm_to_the_launcher_stops_the_workers(tmp_path):
+    pids = tmp_path / "pids"
+    worker = tmp_path / "sleeper.py"
+    worker.write_text(
+        f"import os, time\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "time.sleep(120)\n"
+    )
+    launch = subprocess.Popen(
+        [sys.executable, "-m", "tf_secondorder.cli", "launch", "--workers", "2"]
+        + ["--", sys.executable, str(worker)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if pids.exists() and len(pids.read_text().split()) == 2:
+            break
+        time.sleep(0.1)
+    launch.terminate()
+    assert launch.wait(timeout=30) == 130
+    assert [p for p in map(int, pids.read_text().split()) if _alive(p)] == []

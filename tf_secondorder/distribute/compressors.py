@@ -77,36 +77,62 @@ class Compressor:
     def initial_state(self, shape, index):
         return [np.zeros(s, np.float32) for s in self.state_shapes(shape)]
 
+    # Whether the one-round protocol below applies (PowerSGD: two rounds).
+    one_round = True
+    # Whether `compress`/`decompress` use only ops with XLA kernels, so that
+    # `encode` and `aggregate` can run as single fused XLA computations.
+    jit_compatible = True
+
     def reduce(self, channel, tensors, seeds, states, majority_vote=False):
         """Mean over replicas of the decompressed tensors (or their vote).
 
         Returns (aggregates, local decompressions, new states); the local
         decompression is what this replica's wire means, for error feedback.
         """
+        wires, local = self.encode(tensors, seeds)
+        received = self.communicate(channel, wires, majority_vote)
+        shapes = [tuple(x.shape) for x in tensors]
+        aggregates = self.aggregate(
+            received, shapes, seeds, channel.num_replicas, majority_vote
+        )
+        return aggregates, local, states
+
+    def encode(self, tensors, seeds):
+        """(wires, local decompressions) of a list of tensors; no communication."""
         wires = [self.compress(x, s) for x, s in zip(tensors, seeds)]
         local = [
             self.decompress(w, x.shape, s) for w, x, s in zip(wires, tensors, seeds)
         ]
-        n = channel.num_replicas
-        if self.summable and not majority_vote:
-            summed = channel.all_reduce(wires)
-            aggregates = [
-                self.decompress(w, x.shape, s) / n
-                for w, x, s in zip(summed, tensors, seeds)
+        return wires, local
+
+    def gathers(self, majority_vote):
+        """True when the wires travel by all_gather rather than all_reduce."""
+        return majority_vote or not self.summable
+
+    def communicate(self, channel, wires, majority_vote=False):
+        if self.gathers(majority_vote):
+            return channel.all_gather(wires)
+        return channel.all_reduce(wires)
+
+    def aggregate(self, received, shapes, seeds, num_replicas, majority_vote=False):
+        """Aggregates from what `communicate` returned (summed or gathered wires)."""
+        n = num_replicas
+        if not self.gathers(majority_vote):
+            return [
+                self.decompress(w, shape, s) / n
+                for w, shape, s in zip(received, shapes, seeds)
             ]
-            return aggregates, local, states
-        gathered = channel.all_gather(wires)
         aggregates = []
-        for wire, x, seed in zip(gathered, tensors, seeds):
+        for wire, shape, seed in zip(received, shapes, seeds):
             decoded = [
-                self.decompress([w[r] for w in wire], x.shape, seed) for r in range(n)
+                self.decompress([w[r] for w in wire], shape, seed) for r in range(n)
             ]
             if majority_vote:
                 votes = tf.add_n([tf.sign(d) for d in decoded])
                 aggregates.append(tf.where(votes >= 0, 1.0, -1.0))
             else:
                 aggregates.append(tf.add_n(decoded) / n)
-        return aggregates, local, states
+        return aggregates
 
     def get_config(self):
         return {}

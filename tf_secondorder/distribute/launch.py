@@ -188,6 +188,11 @@ def launch(
     lock = threading.Lock()
     deadline = None if timeout is None else time.monotonic() + timeout
     namespace = RateLimitedNamespace(rate) if rate else None
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        # Workers run in their own sessions; a SIGTERM to the launcher must
+        # still stop them, so it unwinds like Ctrl-C.
+        previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     if namespace is not None:
         namespace.__enter__()
     try:
@@ -213,6 +218,12 @@ def launch(
     finally:
         if namespace is not None:
             namespace.__exit__()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _attempt(command, workers, namespace, env, out, lock, deadline, grace, attempt):

@@ -61,6 +61,9 @@ class RandomK(Compressor):
     summed by `all_reduce`: 4k bytes.
     """
 
+    # tf.random.experimental.index_shuffle has no XLA kernel.
+    jit_compatible = False
+
     unbiased = True
     summable = True
     shared_randomness = True
@@ -104,6 +107,7 @@ class PowerSGD(Compressor):
     """
 
     summable = True
+    one_round = False
 
     def __init__(self, rank=4, seed=0):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
