@@ -198,6 +198,9 @@ def driver(args):
                     timeout=args.max_seconds + 300,
                     out=open(os.devnull, "w") if not args.verbose else None,
                 )
+                if code == 130:
+                    print("   interrupted; stopping", flush=True)
+                    return 130
                 if code != 0:
                     print(f"   failed with exit code {code}", flush=True)
                     continue
