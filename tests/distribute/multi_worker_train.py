@@ -36,8 +36,9 @@ EXAMPLES = 256
 def make_optimizer(config):
     name, _, compression = config.partition("+")
     options = {"compression": compression} if compression else {}
-    if name == "shampoo":
+    if name in ("shampoo", "shampoo-unsplit"):
         return tfso.Shampoo(
+            distribute_roots=name == "shampoo",
             learning_rate=1e-2,
             precondition_frequency=3,
             block_size=8,

@@ -41,7 +41,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multi_worker")
     configs = ",".join(CONFIGS)
     plain = _launch(
-        ["--out", str(tmp / "mw"), "--configs", configs, "--backup", str(tmp / "b1")],
+        ["--out", str(tmp / "mw"), "--configs", configs + ",shampoo-unsplit"]
+        + ["--backup", str(tmp / "b1")],
         tmp,
     )
     mirrored = subprocess.run(
@@ -88,6 +89,17 @@ def test_two_workers_match_two_mirrored_replicas(runs, config):
         else:
             got = workers[0][key]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_roots_split_across_workers_equal_unsplit_roots(runs):
+    # "shampoo" splits the root work between the two workers (all_gather at
+    # each refresh); "shampoo-unsplit" computes every root on every worker.
+    for worker in (0, 1):
+        split = _load(runs, "mw", "shampoo", worker)
+        unsplit = _load(runs, "mw", "shampoo-unsplit", worker)
+        assert split.keys() == unsplit.keys()
+        for key in split:
+            np.testing.assert_array_equal(split[key], unsplit[key], err_msg=key)
 
 
 def test_per_replica_memories_differ_between_workers(runs):

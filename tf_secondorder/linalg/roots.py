@@ -129,8 +129,7 @@ def _eigh_root(matrices, p, epsilon):
     ridge = epsilon * lam_max
     shifted = tf.maximum(eigenvalues, 0.0) + ridge[:, None]
     shifted = tf.where(empty[:, None], tf.ones_like(shifted), shifted)
-    powered = tf.pow(shifted, -1.0 / p)
-    roots = tf.matmul(q * powered[:, None, :], q, transpose_b=True)
+    roots = _reconstruct(q, shifted, -1.0 / p)
     residual = tf.norm(
         tf.matmul(a, q) - q * eigenvalues[:, None, :], axis=[-2, -1]
     ) / tf.maximum(tf.norm(a, axis=[-2, -1]), 1e-30)
@@ -140,6 +139,25 @@ def _eigh_root(matrices, p, epsilon):
         & (residual <= EIGH_RESIDUAL_LIMIT[a.dtype.name])
     )
     return roots, ok, residual
+
+
+# Vectorised kernels round a tensor's tail (past the last full SIMD packet)
+# and small batched matmuls differently from the rest, so a matrix's root
+# would depend on which other matrices share its batch. Padding each matrix
+# to a multiple of 16 (one AVX-512 packet of float32) makes every matrix's
+# arithmetic the same in any batch: the split refresh (§3.4) then gives
+# bit-identical roots.
+_ALIGN = 16
+
+
+def _reconstruct(q, values, power):
+    """Q · diag(values^power) · Qᵀ, batch-invariant (see `_ALIGN`)."""
+    n = tf.shape(q)[-1]
+    pad = -n % _ALIGN
+    q = tf.pad(q, [[0, 0], [0, pad], [0, pad]])
+    values = tf.pad(values, [[0, 0], [0, pad]], constant_values=1.0)
+    scaled = q * tf.pow(values, power)[:, None, :]
+    return tf.matmul(scaled, q, transpose_b=True)[:, :n, :n]
 
 
 def _largest_eigenvalue(matrices, iterations=64):

@@ -3,8 +3,13 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.distribute import Communication
-from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
+from tf_secondorder.distribute import Communication, sharded
+from tf_secondorder.linalg import (
+    greedy_partition,
+    inverse_pth_root,
+    resolve_root_method,
+    root_cost,
+)
 from tf_secondorder.optimizers import _shampoo_kernels as kernels
 from tf_secondorder.optimizers import _validate
 from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
@@ -67,10 +72,13 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
         statistics_dtype: `None`/`"float32"`, or `"bfloat16"` to store the
             statistics in half the memory (updated with stochastic rounding,
             so small EMA increments are not lost).
-        distribute_roots: `"auto"`, `True` or `False`. Roots are computed once
-            per step in cross-replica context and broadcast to the replicas of
-            a host, so no replica repeats another's work; splitting them
-            across hosts is not implemented yet.
+        distribute_roots: `"auto"`, `True` or `False`. With more than one
+            replica under MirroredStrategy or MultiWorkerMirroredStrategy
+            (`"auto"` or `True`), the factors are assigned to replicas by cost
+            (n³, largest first to the least loaded); at a refresh each
+            replica computes only its share and the results are all-gathered,
+            so the refresh work per replica falls ~1/N and the numbers equal
+            the unsplit computation. `False`: every host computes all roots.
         compression, error_feedback, aggregation: what replicas send each
             other (see `tfso.distribute.Communication`): a compressor name
             or instance, error feedback (`None` = on for biased
@@ -286,7 +294,9 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
             refresh = (since_start >= 0) & (
                 since_start % self.precondition_frequency == 0
             )
-            tf.cond(refresh, self._refresh_preconditioners, _no_op)
+            tf.cond(
+                refresh, lambda: self._refresh_preconditioners(distribution), _no_op
+            )
             self.update_variables(distribution, grads_and_vars, learning_rate)
 
         def skip():
@@ -310,11 +320,35 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
         for stat, value in zip(stats, values):
             self.assign(stat, value)
 
-    def _refresh_preconditioners(self):
-        failures = tf.constant(0, tf.int64)
-        for (_, exponent, dtype), indices in self._layout.root_groups.items():
+    def _refresh_preconditioners(self, distribution):
+        """New roots for every factor, split across replicas when enabled."""
+        factors = range(len(self._layout.factors))
+        if not sharded.splits_work(distribution, self.distribute_roots):
+            roots, failures = self._new_roots(factors)
+        else:
+            costs = [root_cost(f.size) for f in self._layout.factors]
+            shares = greedy_partition(costs, distribution.num_replicas_in_sync)
+            shapes = {i: self._preconditioners[i].shape for i in factors}
+            dtype = max((f.dtype for f in self._layout.factors), key=_width)
+            results, failures = sharded.run_sharded(
+                distribution, shares, shapes, self._new_roots, dtype
+            )
+            roots = [results[i] for i in factors]
+        for variable, root in zip(self._preconditioners, roots):
+            self.assign(variable, tf.cast(root, variable.dtype))
+        self._root_failures.assign_add(tf.cast(failures, tf.int64))
+
+    def _new_roots(self, factor_indices):
+        """(roots of the given factors, failures); a rejected root is the
+        factor's previous preconditioner. Equal sizes are one batched op."""
+        groups = {}
+        for i in factor_indices:
+            f = self._layout.factors[i]
+            groups.setdefault((f.size, f.exponent, f.dtype), []).append(i)
+        roots, failures = {}, tf.constant(0, tf.int64)
+        for (_, exponent, dtype), indices in groups.items():
             stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
-            roots, ok, _ = inverse_pth_root(
+            new, ok, _ = inverse_pth_root(
                 stats,
                 exponent,
                 self.epsilon,
@@ -322,10 +356,9 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
                 compute_dtype=dtype,
             )
             for k, i in enumerate(indices):
-                previous = self._preconditioners[i]
-                self.assign(previous, tf.where(ok[k], roots[k], _read(previous)))
+                roots[i] = tf.where(ok[k], new[k], _read(self._preconditioners[i]))
             failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
-        self._root_failures.assign_add(failures)
+        return [roots[i] for i in factor_indices], failures
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -397,6 +430,10 @@ def _dense(gradient, variable):
     if isinstance(gradient, tf.IndexedSlices):
         gradient = tf.reshape(tf.convert_to_tensor(gradient), variable.shape)
     return tf.cast(gradient, variable.dtype)
+
+
+def _width(dtype):
+    return tf.as_dtype(dtype).size
 
 
 def _no_op():
