@@ -4,9 +4,10 @@ __version__ = "0.1.0"
 
 from tf_secondorder import callbacks, compression, linalg  # noqa: E402
 from tf_secondorder.distribute.wrapping import distributed, distributed_class  # noqa: E402
-from tf_secondorder.optimizers import Shampoo, SignSGD  # noqa: E402
+from tf_secondorder.optimizers import SOAP, Shampoo, SignSGD  # noqa: E402
 
 __all__ = [
+    "SOAP",
     "Shampoo",
     "SignSGD",
     "callbacks",

@@ -57,13 +57,13 @@ def main():
     import tf_secondorder as tfso
 
     shares = []
-    original = tfso.Shampoo._new_roots
+    original = tfso.Shampoo.refresh_matrices
 
     def recording(self, factor_indices):
         shares.append(list(factor_indices))
         return original(self, factor_indices)
 
-    tfso.Shampoo._new_roots = recording
+    tfso.Shampoo.refresh_matrices = recording
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices)
     arrays = {}

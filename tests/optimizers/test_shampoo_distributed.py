@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.optimizers import split_roots_run
+from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "split_roots_run.py")
 
@@ -32,13 +33,11 @@ def _pairs(arrays):
 
 
 def _factor_count():
-    import tf_secondorder as tfso
-
     layers = split_roots_run.LAYERS
     shapes = []
     for a, b in zip(layers, layers[1:]):
         shapes += [(a, b), (b,)]
-    return len(tfso.optimizers.shampoo.ShampooLayout(shapes, 16).factors)
+    return len(ShampooLayout(shapes, 16).factors)
 
 
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])

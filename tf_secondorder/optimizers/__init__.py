@@ -2,5 +2,6 @@
 
 from tf_secondorder.optimizers.shampoo import Shampoo
 from tf_secondorder.optimizers.sign_sgd import SignSGD
+from tf_secondorder.optimizers.soap import SOAP
 
-__all__ = ["Shampoo", "SignSGD"]
+__all__ = ["SOAP", "Shampoo", "SignSGD"]

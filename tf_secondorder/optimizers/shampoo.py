@@ -3,23 +3,22 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.distribute import Communication, sharded
-from tf_secondorder.linalg import (
-    greedy_partition,
-    inverse_pth_root,
-    resolve_root_method,
-    root_cost,
-)
+from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
 from tf_secondorder.optimizers import _shampoo_kernels as kernels
 from tf_secondorder.optimizers import _validate
-from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
+from tf_secondorder.optimizers._blocked import (
+    BlockedPreconditioner,
+    dense,
+    read,
+    slot_prefix,
+)
 
 GRAFTING_TYPES = ("sgd", "adagrad", "rmsprop", "adam", None)
 STATISTICS_DTYPES = (None, "float32", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
-class Shampoo(Communication, keras.optimizers.Optimizer):
+class Shampoo(BlockedPreconditioner):
     """Blocked Shampoo with grafting, momentum and decoupled weight decay.
 
     Each parameter is reshaped (size-1 dims squeezed, adjacent small dims
@@ -184,47 +183,20 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
             return self.precondition_frequency
         return self.start_preconditioning_step
 
-    @property
-    def root_failures(self):
-        """Number of rejected roots so far (a variable; saved with the state)."""
-        return self._root_failures
-
-    @property
-    def nonfinite_steps(self):
-        """Number of steps that had a NaN/Inf gradient (skipped for those vars)."""
-        return self._nonfinite_steps
-
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
-        self._layout = ShampooLayout(
-            [v.shape for v in var_list],
-            self.block_size,
-            self.max_preconditioned_dim,
-            self.exponent_override,
-            [_compute_dtype(v) for v in var_list],
-        )
-        self._statistics = []
-        self._preconditioners = []
-        for factor in self._layout.factors:
-            prefix = _slot_prefix(var_list[factor.variable])
-            self._statistics.append(
-                self.add_variable(
-                    (factor.size, factor.size),
-                    initializer="zeros",
-                    dtype=self.statistics_dtype or factor.dtype,
-                    name=f"{prefix}_statistics_{factor.tag}",
-                )
+        self.build_blocked(var_list, self.beta2)
+        self._preconditioners = [
+            self.add_variable(
+                (factor.size, factor.size),
+                initializer="identity",
+                dtype=factor.dtype,
+                name=f"{slot_prefix(var_list, factor)}_preconditioner_{factor.tag}",
             )
-            self._preconditioners.append(
-                self.add_variable(
-                    (factor.size, factor.size),
-                    initializer="identity",
-                    dtype=factor.dtype,
-                    name=f"{prefix}_preconditioner_{factor.tag}",
-                )
-            )
+            for factor in self._layout.factors
+        ]
         self._grafting_accumulators = []
         if self.grafting in ("adagrad", "rmsprop", "adam"):
             self._grafting_accumulators = self.add_optimizer_variables(
@@ -233,20 +205,6 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
         self._momentums = []
         if self.beta1 > 0:
             self._momentums = self.add_optimizer_variables(var_list, "momentum")
-        self._root_failures = self.add_variable(
-            (),
-            initializer="zeros",
-            dtype="int64",
-            name="root_failures",
-            aggregation="only_first_replica",
-        )
-        self._nonfinite_steps = self.add_variable(
-            (),
-            initializer="zeros",
-            dtype="int64",
-            name="nonfinite_steps",
-            aggregation="only_first_replica",
-        )
         self.build_communication(var_list)
         self._resolved_root_method = resolve_root_method(self.root_method)
         self._hyper = kernels.Hyper(
@@ -259,88 +217,11 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
             bfloat16_statistics=self.statistics_dtype == "bfloat16",
         )
 
-    # -- the step ----------------------------------------------------------
+    # -- the refresh and the step -----------------------------------------
 
-    def _step(self):
-        # int32: modular arithmetic on int64 is not available on TPU.
-        return tf.cast(self.iterations, tf.int32) + 1
-
-    def apply_update(self, distribution, grads_and_vars, learning_rate):
-        """Statistics, then (on refresh steps) all roots, then each variable.
-
-        A step with any non-finite gradient is skipped as a whole and counted
-        (one guard for the step: per-variable conds made tracing ~3x slower).
-        """
-        finite = tf.constant(True)
-        for grad, var in grads_and_vars:
-            local = distribution.experimental_local_results(grad)[0]
-            finite &= kernels.all_finite(_dense(local, var))
-
-        def update_statistics():
-            for grad, var in grads_and_vars:
-                distribution.extended.update(
-                    var, self._update_statistics, args=(grad,), group=False
-                )
-
-        def step():
-            number = self._step()
-            if self.statistics_frequency == 1:
-                update_statistics()
-            else:
-                tf.cond(
-                    number % self.statistics_frequency == 0, update_statistics, _no_op
-                )
-            since_start = number - self.start_step
-            refresh = (since_start >= 0) & (
-                since_start % self.precondition_frequency == 0
-            )
-            tf.cond(
-                refresh, lambda: self._refresh_preconditioners(distribution), _no_op
-            )
-            self.update_variables(distribution, grads_and_vars, learning_rate)
-
-        def skip():
-            self._nonfinite_steps.assign_add(1)
-
-        tf.cond(finite, step, skip)
-
-    def _update_statistics(self, variable, gradient):
-        index = self._get_variable_index(variable)
-        plan = self._layout.plans[index]
-        if not plan.factors:
-            return
-        stats = [self._statistics[f.index] for f in plan.factors]
-        values = kernels.updated_statistics(
-            plan,
-            self._hyper,
-            _dense(gradient, variable),
-            [_read(s) for s in stats],
-            self._step(),
-        )
-        for stat, value in zip(stats, values):
-            self.assign(stat, value)
-
-    def _refresh_preconditioners(self, distribution):
-        """New roots for every factor, split across replicas when enabled."""
-        factors = range(len(self._layout.factors))
-        if not sharded.splits_work(distribution, self.distribute_roots):
-            roots, failures = self._new_roots(factors)
-        else:
-            costs = [root_cost(f.size) for f in self._layout.factors]
-            shares = greedy_partition(costs, distribution.num_replicas_in_sync)
-            shapes = {i: self._preconditioners[i].shape for i in factors}
-            dtype = max((f.dtype for f in self._layout.factors), key=_width)
-            results, failures = sharded.run_sharded(
-                distribution, shares, shapes, self._new_roots, dtype
-            )
-            roots = [results[i] for i in factors]
-        for variable, root in zip(self._preconditioners, roots):
-            self.assign(variable, tf.cast(root, variable.dtype))
-        self._root_failures.assign_add(tf.cast(failures, tf.int64))
-
-    def _new_roots(self, factor_indices):
-        """(roots of the given factors, failures); a rejected root is the
-        factor's previous preconditioner. Equal sizes are one batched op."""
+    def refresh_matrices(self, factor_indices):
+        """Inverse roots of the given factors' statistics; equal sizes are one
+        batched op. A rejected root is the factor's previous preconditioner."""
         groups = {}
         for i in factor_indices:
             f = self._layout.factors[i]
@@ -356,9 +237,13 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
                 compute_dtype=dtype,
             )
             for k, i in enumerate(indices):
-                roots[i] = tf.where(ok[k], new[k], _read(self._preconditioners[i]))
+                roots[i] = tf.where(ok[k], new[k], read(self._preconditioners[i]))
             failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
         return [roots[i] for i in factor_indices], failures
+
+    def store_refreshed(self, results):
+        for variable, root in zip(self._preconditioners, results):
+            self.assign(variable, tf.cast(root, variable.dtype))
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -370,11 +255,11 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
         new_accumulator, new_momentum, delta = kernels.update(
             plan,
             self._hyper,
-            _dense(gradient, variable),
-            _read(accumulator) if accumulator is not None else None,
-            _read(momentum) if momentum is not None else None,
-            [_read(self._preconditioners[f.index]) for f in plan.factors],
-            self._step(),
+            dense(gradient, variable),
+            read(accumulator) if accumulator is not None else None,
+            read(momentum) if momentum is not None else None,
+            [read(self._preconditioners[f.index]) for f in plan.factors],
+            self.step_number(),
             learning_rate,
         )
         if accumulator is not None:
@@ -406,35 +291,3 @@ class Shampoo(Communication, keras.optimizers.Optimizer):
             }
         )
         return config
-
-
-def _slot_prefix(variable):
-    path = getattr(variable, "path", None) or variable.name
-    return path.replace("/", "_").replace(":", "_")
-
-
-def _compute_dtype(variable):
-    """float64 for float64 models, float32 otherwise (also under mixed precision)."""
-    return "float64" if variable.dtype == "float64" else "float32"
-
-
-def _read(variable):
-    """The variable's value as a tensor (Keras variable arithmetic would round
-    Python-float coefficients through floatx)."""
-    return tf.convert_to_tensor(variable)
-
-
-def _dense(gradient, variable):
-    """The gradient as a dense tensor of the variable's dtype and static shape
-    (embedding gradients arrive as tf.IndexedSlices)."""
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.reshape(tf.convert_to_tensor(gradient), variable.shape)
-    return tf.cast(gradient, variable.dtype)
-
-
-def _width(dtype):
-    return tf.as_dtype(dtype).size
-
-
-def _no_op():
-    return None
