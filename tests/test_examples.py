@@ -38,3 +38,17 @@ def test_shampoo_digits_example(tmp_path):
     accuracy = float(out.split("held-out accuracy")[1].split(",")[0])
     assert accuracy > 0.8
     assert (tmp_path / "digits.keras").exists()
+
+
+@pytest.mark.slow
+def test_custom_loop_strategy_example():
+    out = run_example("custom_loop_strategy.py", "--optimizer", "soap", "--steps", "60")
+    losses = [
+        float(line.split("loss ")[1])
+        for line in out.splitlines()
+        if line.startswith("step")
+    ]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "on 2 replicas" in out and "root failures 0" in out
+    accuracy = float(out.split("held-out accuracy ")[1].split(",")[0])
+    assert accuracy > 0.8
