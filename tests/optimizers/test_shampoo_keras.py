@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import (
+    fit,
     mlp,
     optimizer_state,
     regression_data,
@@ -19,15 +20,6 @@ from tests.helpers import (
 # custom loop), and early statistics are rank-deficient; a ridge far below
 # float32 resolution would amplify rounding noise in their null space.
 SHAMPOO = dict(learning_rate=0.01, precondition_frequency=3, block_size=8, epsilon=1e-4)
-
-
-def fit(model, optimizer, epochs=3, batch_size=16, **compile_kwargs):
-    x, y = regression_data()
-    model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
-    history = model.fit(
-        x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0
-    )
-    return history.history["loss"]
 
 
 def test_fit_reduces_loss_and_refreshes():

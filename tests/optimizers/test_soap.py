@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import (
+    fit,
     mlp,
     optimizer_state,
     regression_data,
@@ -103,15 +104,6 @@ SMALL = dict(
     precondition_frequency=3,
     start_preconditioning_step=17,
 )
-
-
-def fit(model, optimizer, epochs=3, batch_size=16, **compile_kwargs):
-    x, y = regression_data()
-    model.compile(optimizer=optimizer, loss="mse", **compile_kwargs)
-    history = model.fit(
-        x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0
-    )
-    return history.history["loss"]
 
 
 def test_fit_reduces_loss_and_string_identifier():

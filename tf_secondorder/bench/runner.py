@@ -14,14 +14,23 @@ BENCH_SHAMPOO = dict(
 )
 
 
+# SOAP: the authors' defaults (betas 0.95, refresh every 10 steps) with
+# Shampoo's benchmark block size.
+BENCH_SOAP = dict(precondition_frequency=10, block_size=256)
+BENCH_OPTIONS = {"shampoo": BENCH_SHAMPOO, "soap": BENCH_SOAP}
+
+
 def make_optimizer(name, learning_rate, options=None):
     options = dict(options or {})
     if name == "adam":
         return keras.optimizers.Adam(learning_rate, **options)
     if name == "shampoo":
         return tfso.Shampoo(learning_rate, **{**BENCH_SHAMPOO, **options})
+    if name == "soap":
+        return tfso.SOAP(learning_rate, **{**BENCH_SOAP, **options})
     raise ValueError(
-        f"`optimizers` entries must be 'adam' or 'shampoo'. Received: {name!r}"
+        "`optimizers` entries must be 'adam', 'shampoo' or 'soap'. "
+        f"Received: {name!r}"
     )
 
 
@@ -69,9 +78,7 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
     result = {
         "optimizer": optimizer_name,
         "learning_rate": learning_rate,
-        "options": dict(BENCH_SHAMPOO, **(options or {}))
-        if optimizer_name == "shampoo"
-        else (options or {}),
+        "options": dict(BENCH_OPTIONS.get(optimizer_name, {}), **(options or {})),
         "curve": [[s, loss] for s, loss, _ in recorder.curve],
         "curve_seconds": [t for _, _, t in recorder.curve],
         "final_loss": recorder.curve[-1][1],
@@ -82,7 +89,7 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
         # Tracing (and the first refresh's kernels): paid once per run.
         "first_step_seconds": float(times[0]),
     }
-    if isinstance(optimizer, tfso.Shampoo):
+    if isinstance(optimizer, (tfso.Shampoo, tfso.SOAP)):
         refresh = [
             s
             for s in range(2, len(times) + 1)
