@@ -29,8 +29,7 @@ def make_optimizer(name, learning_rate, options=None):
     if name == "soap":
         return tfso.SOAP(learning_rate, **{**BENCH_SOAP, **options})
     raise ValueError(
-        "`optimizers` entries must be 'adam', 'shampoo' or 'soap'. "
-        f"Received: {name!r}"
+        f"`optimizers` entries must be 'adam', 'shampoo' or 'soap'. Received: {name!r}"
     )
 
 

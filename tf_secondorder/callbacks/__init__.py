@@ -2,5 +2,6 @@
 
 from tf_secondorder.callbacks.backup import BackupAndRestore
 from tf_secondorder.callbacks.communication import CommunicationStats
+from tf_secondorder.callbacks.sync import SyncReplicas
 
-__all__ = ["BackupAndRestore", "CommunicationStats"]
+__all__ = ["BackupAndRestore", "CommunicationStats", "SyncReplicas"]

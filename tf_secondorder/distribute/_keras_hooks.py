@@ -24,12 +24,21 @@ Per-replica optimizer state (error-feedback memory, Signum momentum) lives in
 ``ReplicaLocalVariable``: a sync-on-read variable that TF would save as the
 sum over replicas; it saves and restores every replica's own value instead.
 
+Also here: the ``CallbackList`` wrapper that gives ``fit``/``evaluate``/
+``predict`` the ``SyncReplicas`` callback under local SGD
+(``install_callback_injection``); ``all_to_all`` through a strategy's
+collective launchers (bidirectional compression); the training loss and
+loss tracker of Keras's ``train_step`` (the micro-batched train step); the
+optimizer's trainable variables and learning-rate argument.
+
 ``install_multi_worker_fit_fix`` works around two Keras 3.15 bugs that stop
 ``model.fit`` under MultiWorkerMirroredStrategy (keras-team/keras#20585); see
 its docstring.
 
 If a Keras upgrade renames or stops calling a hooked method, the tests in
-``tests/distribute/test_keras_hooks.py`` fail: ``HOOK_CALLS`` counts calls.
+``tests/distribute/test_keras_hooks.py`` (and, for the hooks above,
+``test_averaging``, ``test_bidirectional``, ``tests/data/test_growing``)
+fail: ``HOOK_CALLS`` counts calls.
 """
 
 import collections
@@ -66,6 +75,10 @@ class StepHooks:
         """Sums gradients over replicas (replica context); Keras's all-reduce."""
         return super()._all_reduce_sum_gradients(grads_and_vars)
 
+    def step_update(self, distribution, grads_and_vars, learning_rate):
+        """The step in cross-replica context; local SGD wraps `apply_update` here."""
+        return self.apply_update(distribution, grads_and_vars, learning_rate)
+
     def apply_update(self, distribution, grads_and_vars, learning_rate):
         self.update_variables(distribution, grads_and_vars, learning_rate)
 
@@ -78,7 +91,7 @@ class StepHooks:
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         HOOK_CALLS["update"] += 1
         grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-        return self.apply_update(distribution, grads_and_vars, learning_rate)
+        return self.step_update(distribution, grads_and_vars, learning_rate)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
         HOOK_CALLS["reduce"] += 1
@@ -88,6 +101,27 @@ class StepHooks:
 def optimizer_strategy(optimizer):
     """The tf.distribute strategy the optimizer was created under."""
     return optimizer._distribution_strategy
+
+
+def learning_rate_argument(optimizer):
+    """What was passed as `learning_rate`: a schedule or callable as such
+    (so it need not be registered to be copied), else None."""
+    value = getattr(optimizer, "_learning_rate", None)
+    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule) or (
+        callable(value) and not isinstance(value, keras.Variable)
+    ):
+        return value
+    return None
+
+
+def optimizer_trainable_variables(optimizer):
+    """The model variables the optimizer was built for, in `build`'s order."""
+    return optimizer._trainable_variables
+
+
+def component_values(variable):
+    """The per-device tf.Variables behind a (mirrored) variable, local replicas."""
+    return _components(variable)
 
 
 def _components(variable):
@@ -180,6 +214,105 @@ def add_replica_local_variable(
                 )
     optimizer._track_variable(variable)
     return variable
+
+
+def all_to_all(context, tensor):
+    """Row j of `tensor` ([replicas, ...]) goes to replica j; row i of the
+    result came from replica i. Replica context.
+
+    tf.distribute has no all_to_all; MirroredStrategy and
+    MultiWorkerMirroredStrategy run their collectives through per-device
+    launchers of `CollectiveAllReduce`, whose group and instance keys this
+    uses for TensorFlow's CollectiveAllToAllV2 kernel. Returns None when the
+    strategy has no such launchers (the caller then emulates it).
+    """
+    from tensorflow.python.ops import collective_ops
+
+    strategy = context.strategy
+    launchers = getattr(
+        getattr(strategy.extended, "_cross_device_ops", None), "_launchers", None
+    )
+    replica = tf.get_static_value(context.replica_id_in_sync_group)
+    if not launchers or replica is None:
+        return None
+    launcher = launchers[int(replica) - _first_local_replica(strategy, len(launchers))]
+    HOOK_CALLS["all_to_all"] += 1
+    with tf.device(launcher._device):
+        return collective_ops.all_to_all_v2(
+            tensor,
+            launcher._group_size,
+            launcher._group_key,
+            launcher._next_instance_key(),
+            ordering_token=launcher._get_ordering_token(),
+        )
+
+
+def compute_training_loss(model, x, y, y_pred, sample_weight):
+    """What Keras's TensorFlow `train_step` computes as the loss (compiled
+    losses, the model's own losses, pre-scaled by 1/replicas)."""
+    return model._compute_loss(
+        x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+    )
+
+
+def track_training_loss(model, loss, count):
+    """Adds `loss` of `count` examples to the "loss" `fit` logs, as Keras does."""
+    from keras.src.losses import loss as loss_module
+
+    HOOK_CALLS["loss_tracker"] += 1
+    model._loss_tracker.update_state(
+        loss_module.unscale_loss_for_distribution(loss), sample_weight=count
+    )
+
+
+# --- Callbacks every fit/evaluate/predict gets ------------------------------
+#
+# Local SGD leaves the replicas' weights different between averages; anything
+# that reads them outside a train step must see the average. Keras builds a
+# ``CallbackList`` for every ``fit``, ``evaluate`` and ``predict``; wrapping its
+# constructor adds ``SyncReplicas`` in front of the user's callbacks (so
+# checkpoints written in ``on_epoch_end`` see averaged weights) whenever the
+# model's optimizer averages. Nothing changes for any other model.
+
+
+def install_callback_injection():
+    """Idempotent; the callbacks come from `callbacks.sync.automatic_callbacks`."""
+    if "callback_list_init" in _ORIGINALS:
+        return
+    original = keras.callbacks.CallbackList.__init__
+    _ORIGINALS["callback_list_init"] = original
+
+    def __init__(
+        self, callbacks=None, add_history=False, add_progbar=False, model=None, **params
+    ):
+        original(
+            self,
+            callbacks,
+            add_history=add_history,
+            add_progbar=add_progbar,
+            model=model,
+            **params,
+        )
+        if model is None:
+            return
+        from tf_secondorder.callbacks.sync import automatic_callbacks
+
+        extra = automatic_callbacks(model, self.callbacks)
+        if extra:
+            HOOK_CALLS["callbacks"] += 1
+        for callback in reversed(extra):
+            self.callbacks.insert(0, callback)
+            callback.set_model(model)
+            if params:
+                callback.set_params(params)
+
+    keras.callbacks.CallbackList.__init__ = __init__
+
+
+def uninstall_callback_injection():
+    """Restores Keras's own CallbackList constructor (for tests)."""
+    if "callback_list_init" in _ORIGINALS:
+        keras.callbacks.CallbackList.__init__ = _ORIGINALS.pop("callback_list_init")
 
 
 # --- MultiWorkerMirroredStrategy + model.fit (keras-team/keras#20585) -------

@@ -9,6 +9,8 @@ g_i/N because the loss is pre-scaled):
     c_i = C(p_i);  e_i ← p_i − decompress(c_i) # kept if p_i is not finite
     mean:           ĝ = (1/N) Σ_i decompress(c_i)
     majority_vote:  ĝ = sign(Σ_i sign(decompress(c_i)))   (sign(0) = +1)
+    bidirectional:  ĝ compressed again by its server replica, with a server
+                    memory (`bidirectional.py`)
 
 ĝ goes to the optimizer's update as the gradient. With one replica (no
 strategy) nothing is compressed or sent and ĝ = x_1, so the same script
@@ -18,23 +20,27 @@ trains unchanged on a laptop.
 import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.distribute import compressors
+from tf_secondorder.distribute import bidirectional, compressors
 from tf_secondorder.distribute._keras_hooks import (
     ReplicaLocalVariable,
     StepHooks,
     add_replica_local_variable,
 )
+from tf_secondorder.distribute.averaging import ModelAveraging
 from tf_secondorder.distribute.channel import Channel
+from tf_secondorder.distribute.saddle import SaddlePerturbation
 
-AGGREGATIONS = ("mean", "majority_vote")
+AGGREGATIONS = ("mean", "majority_vote", "bidirectional")
 
 
 def _slot_name(variable, suffix):
     return f"{variable.path.replace('/', '_')}_{suffix}"
 
 
-class Communication(StepHooks):
-    """Mixin for Keras optimizers: compression, error feedback, majority vote.
+class Communication(SaddlePerturbation, ModelAveraging, StepHooks):
+    """Mixin for Keras optimizers: compression, error feedback, majority vote,
+    bidirectional compression, local SGD (`averaging.py`) and the saddle
+    perturbation (`saddle.py`).
 
     Subclasses call `_init_communication(...)` in `__init__`,
     `build_communication(var_list)` at the end of `build`, and add
@@ -42,9 +48,23 @@ class Communication(StepHooks):
     """
 
     def _init_communication(
-        self, compression=None, error_feedback=None, aggregation="mean"
+        self,
+        compression=None,
+        error_feedback=None,
+        aggregation="mean",
+        average_every=None,
+        average_warmup_steps=0,
+        saddle_escape=None,
     ):
         self.compression = compressors.get(compression)
+        self._init_averaging(average_every, average_warmup_steps)
+        self._init_saddle_escape(saddle_escape)
+        if self.average_every is not None and self.compression is not None:
+            raise ValueError(
+                "`average_every` (local SGD) sends weights, not gradients: it "
+                "cannot be combined with `compression`. Received: "
+                f"average_every={average_every!r}, compression={compression!r}"
+            )
         self._compression_config = (
             compression if isinstance(compression, (str, type(None))) else None
         )
@@ -61,6 +81,8 @@ class Communication(StepHooks):
                 "(compression='sign' or 'scaled_sign'). "
                 f"Received: compression={compression!r}"
             )
+        if aggregation == "bidirectional":
+            bidirectional.check_compressor(self.compression)
         if error_feedback not in (None, True, False):
             raise ValueError(
                 "`error_feedback` must be None (automatic), True or False. "
@@ -74,12 +96,15 @@ class Communication(StepHooks):
         """Resolved `error_feedback`: None means on for biased compressors.
 
         Under majority vote the default is off: the vote is Bernstein et
-        al.'s algorithm, which has no memory.
+        al.'s algorithm, which has no memory. Bidirectional compression keeps
+        worker and server memories unless `error_feedback=False`.
         """
         if self.compression is None:
             return False
         if self.error_feedback is not None:
             return self.error_feedback
+        if self.aggregation == "bidirectional":
+            return True
         return self.aggregation == "mean" and self.compression.error_feedback_default
 
     def communication_config(self):
@@ -92,6 +117,11 @@ class Communication(StepHooks):
             "compression": compression,
             "error_feedback": self.error_feedback,
             "aggregation": self.aggregation,
+            "average_every": self.average_every,
+            "average_warmup_steps": self.average_warmup_steps,
+            "saddle_escape": (
+                None if self.saddle_escape is None else self.saddle_escape.get_config()
+            ),
         }
 
     def build_communication(self, var_list):
@@ -106,10 +136,23 @@ class Communication(StepHooks):
             self, name="communication_step_bytes", **counter
         )
         self._error_memory = [None] * len(var_list)
+        self._server_memory = None
+        self._received_bytes = 0
         self._compressor_state = [[] for _ in var_list]
         self._uncompressed_bytes = 4 * sum(int(np.prod(v.shape)) for v in var_list)
+        self.build_averaging()
+        self.build_saddle_escape()
         if self.compression is None:
             return
+        replicas = self._distribution_strategy.num_replicas_in_sync
+        if self.aggregation == "bidirectional" and self.uses_error_feedback:
+            total = sum(int(np.prod(v.shape)) for v in var_list)
+            self._server_memory = add_replica_local_variable(
+                self,
+                (bidirectional.chunk_length(total, replicas),),
+                "float32",
+                "server_memory",
+            )
         for i, variable in enumerate(var_list):
             if self.uses_error_feedback:
                 self._error_memory[i] = add_replica_local_variable(
@@ -140,6 +183,8 @@ class Communication(StepHooks):
     def reduce_gradients(self, grads_and_vars):
         context = tf.distribute.get_replica_context()
         n = context.num_replicas_in_sync
+        if n > 1 and self.average_every is not None:
+            return self.local_step_gradients(grads_and_vars, n)
         present = [
             (i, g, v) for i, (g, v) in enumerate(grads_and_vars) if g is not None
         ]
@@ -163,14 +208,17 @@ class Communication(StepHooks):
     def _plain_sum(self, grads_and_vars, present):
         """Keras's own all-reduce SUM (one collective call), counted."""
         nbytes = tf.constant(0, tf.int64)
+        dense = 0
         for g, _ in grads_and_vars:
             if isinstance(g, tf.IndexedSlices):
                 nbytes += tf.size(g.values, tf.int64) * g.values.dtype.size
                 nbytes += tf.size(g.indices, tf.int64) * g.indices.dtype.size
             elif g is not None:
-                nbytes += int(np.prod(g.shape)) * g.dtype.size
+                dense += int(np.prod(g.shape)) * g.dtype.size
         summed = super().reduce_gradients(grads_and_vars)
-        self._count(1, nbytes)
+        # An all-reduce delivers what it is handed (sparse parts: varies).
+        self._received_bytes = dense
+        self._count(1, nbytes + dense)
         return summed
 
     def _compressed_mean(self, context, present, local):
@@ -181,7 +229,9 @@ class Communication(StepHooks):
         compressor = self.compression
         majority_vote = self.aggregation == "majority_vote"
         updates = []
-        if compressor.one_round:
+        if self.aggregation == "bidirectional":
+            aggregates = self._bidirectional(channel, local, memories, updates)
+        elif compressor.one_round:
             # Local work before and after the collective runs as two fused
             # XLA computations: at millions of parameters the unfused ops
             # cost more than the bytes they save on a 1 Gbit/s link.
@@ -216,9 +266,33 @@ class Communication(StepHooks):
                         tf.reduce_any(value != 0),
                     )
                     updates.append(variable.assign(tf.where(finite, value, variable)))
+        self._received_bytes = channel.received
         with tf.control_dependencies(updates):
             self._count(channel.rounds, tf.constant(channel.bytes, tf.int64))
             return [tf.identity(a) for a in aggregates]
+
+    def _bidirectional(self, channel, local, memories, updates):
+        worker = (
+            None if memories[0] is None else [tf.convert_to_tensor(m) for m in memories]
+        )
+        server = self._server_memory
+        server_value = None if server is None else tf.convert_to_tensor(server)
+        aggregates, new_worker, new_server = bidirectional.bidirectional_mean(
+            self.compression,
+            channel,
+            local,
+            worker,
+            server_value,
+            tf.cast(self.iterations, tf.int64),
+        )
+        if new_worker is not None:
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(x)) for x in local])
+            for memory, value in zip(memories, new_worker):
+                updates.append(memory.assign(tf.where(finite, value, memory)))
+        if new_server is not None:
+            finite = tf.reduce_all(tf.math.is_finite(new_server))
+            updates.append(server.assign(tf.where(finite, new_server, server)))
+        return aggregates
 
     def _seed(self, context, index):
         step = tf.cast(self.iterations, tf.int64)
@@ -228,6 +302,11 @@ class Communication(StepHooks):
             replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
             stream = step * context.num_replicas_in_sync + replica
         return tf.stack([tf.constant(index, tf.int64), stream])
+
+    def _count_from_cross_replica(self, rounds, nbytes):
+        self._communication_rounds.assign_add(tf.constant(rounds, tf.int64))
+        self._communication_bytes.assign_add(tf.constant(nbytes, tf.int64))
+        self._communication_step_bytes.assign(tf.constant(nbytes, tf.int64))
 
     def _count(self, rounds, nbytes):
         self._communication_rounds.assign_add(tf.constant(rounds, tf.int64))
@@ -240,7 +319,9 @@ class Communication(StepHooks):
         `bytes_per_step`: bytes handed to collectives in the last step;
         `rounds`: collective calls so far; `bytes_total`: all bytes so far;
         `float32_bytes_per_step`: what an uncompressed float32 all-reduce of
-        every trainable variable hands over, for comparison.
+        every trainable variable hands over, for comparison;
+        `bytes_received_per_step`: what the collectives of one compressed
+        gradient exchange deliver to this replica (all_gather: N buffers).
         """
         if not self.built:
             return {
@@ -248,12 +329,14 @@ class Communication(StepHooks):
                 "rounds": 0,
                 "bytes_total": 0,
                 "float32_bytes_per_step": 0,
+                "bytes_received_per_step": 0,
             }
         return {
             "bytes_per_step": int(self._communication_step_bytes.numpy()),
             "rounds": int(self._communication_rounds.numpy()),
             "bytes_total": int(self._communication_bytes.numpy()),
             "float32_bytes_per_step": self._uncompressed_bytes,
+            "bytes_received_per_step": self._received_bytes,
         }
 
     def save_own_variables(self, store):

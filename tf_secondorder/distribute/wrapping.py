@@ -14,10 +14,18 @@ import inspect
 
 import keras
 
+from tf_secondorder.distribute._keras_hooks import learning_rate_argument
 from tf_secondorder.distribute.communication import Communication
 
 _CLASSES = {}
-_OPTIONS = ("compression", "error_feedback", "aggregation")
+_OPTIONS = (
+    "compression",
+    "error_feedback",
+    "aggregation",
+    "average_every",
+    "average_warmup_steps",
+    "saddle_escape",
+)
 # Keras optimizers that wrap others: wrap their inner optimizers instead.
 _WRAPPERS = ("LossScaleOptimizer", "MultiOptimizer", "OptimizerMap")
 
@@ -46,10 +54,24 @@ def distributed_class(optimizer_class):
     base = optimizer_class
 
     def __init__(
-        self, compression=None, error_feedback=None, aggregation="mean", **config
+        self,
+        compression=None,
+        error_feedback=None,
+        aggregation="mean",
+        average_every=None,
+        average_warmup_steps=0,
+        saddle_escape=None,
+        **config,
     ):
         base.__init__(self, **config)
-        self._init_communication(compression, error_feedback, aggregation)
+        self._init_communication(
+            compression,
+            error_feedback,
+            aggregation,
+            average_every,
+            average_warmup_steps,
+            saddle_escape,
+        )
 
     def get_config(self):
         return {**base.get_config(self), **self.communication_config()}
@@ -74,7 +96,15 @@ def distributed_class(optimizer_class):
     return cls
 
 
-def distributed(optimizer, compression=None, error_feedback=None, aggregation="mean"):
+def distributed(
+    optimizer,
+    compression=None,
+    error_feedback=None,
+    aggregation="mean",
+    average_every=None,
+    average_warmup_steps=0,
+    saddle_escape=None,
+):
     """`optimizer` (an instance or a name such as "adam") with communication options.
 
     Args:
@@ -82,7 +112,14 @@ def distributed(optimizer, compression=None, error_feedback=None, aggregation="m
         compression: `None`, a compressor name (see `tfso.compression.names()`)
             or a `tfso.compression.Compressor`.
         error_feedback: `None` (on for biased compressors), `True`, `False`.
-        aggregation: `"mean"` or `"majority_vote"` (sign compressors only).
+        aggregation: `"mean"`, `"majority_vote"` (sign compressors only) or
+            `"bidirectional"` (the mean compressed again on its way back,
+            with worker and server memories; O(d) bytes at any N).
+        average_every: `None`, or I >= 1 for local SGD: replicas step on
+            their own gradients and average weights and slots every I steps.
+        average_warmup_steps: synchronous steps before local SGD starts.
+        saddle_escape: `None` or a `tfso.SaddleEscape`: a random
+            perturbation when the gradient norm is small (SPEC §4.7).
 
     Returns:
         A new, unbuilt optimizer with the same configuration.
@@ -99,6 +136,9 @@ def distributed(optimizer, compression=None, error_feedback=None, aggregation="m
             "`optimizer` must not be built yet: wrap it before compiling the model."
         )
     config = {k: v for k, v in optimizer.get_config().items() if k not in _OPTIONS}
+    schedule = learning_rate_argument(optimizer)
+    if schedule is not None:
+        config["learning_rate"] = schedule  # unregistered schedules too
     cls = distributed_class(type(optimizer))
     return cls.from_config(
         {
@@ -106,6 +146,9 @@ def distributed(optimizer, compression=None, error_feedback=None, aggregation="m
             "compression": compression,
             "error_feedback": error_feedback,
             "aggregation": aggregation,
+            "average_every": average_every,
+            "average_warmup_steps": average_warmup_steps,
+            "saddle_escape": saddle_escape,
         }
     )
 

@@ -76,6 +76,15 @@ class BlockedPreconditioner(Communication, keras.optimizers.Optimizer):
             bfloat16_statistics=self.statistics_dtype == "bfloat16",
         )
 
+    def check_distribute_roots(self):
+        if self.distribute_roots is True and self.average_every is not None:
+            raise ValueError(
+                "`distribute_roots=True` shares roots computed from common "
+                "statistics; under local SGD (`average_every`) each replica "
+                "has its own. Use distribute_roots='auto' or False. Received: "
+                f"distribute_roots=True, average_every={self.average_every}"
+            )
+
     def step_number(self):
         # int32: modular arithmetic on int64 is not available on TPU.
         return tf.cast(self.iterations, tf.int32) + 1
@@ -87,9 +96,12 @@ class BlockedPreconditioner(Communication, keras.optimizers.Optimizer):
         (one guard for the step: per-variable conds made tracing ~3x slower).
         """
         finite = tf.constant(True)
+        # Reduced gradients are equal on every replica; local-SGD ones are
+        # not, and one replica's NaN must stop every replica's step.
+        replicas = slice(None) if self.averages_locally(distribution) else slice(1)
         for grad, var in grads_and_vars:
-            local = distribution.experimental_local_results(grad)[0]
-            finite &= kernels.all_finite(dense(local, var))
+            for local in distribution.experimental_local_results(grad)[replicas]:
+                finite &= kernels.all_finite(dense(local, var))
 
         def update_statistics():
             for grad, var in grads_and_vars:
@@ -146,8 +158,20 @@ class BlockedPreconditioner(Communication, keras.optimizers.Optimizer):
     def _refresh(self, distribution):
         factors = self._layout.factors
         everything = list(range(len(factors)))
-        if not sharded.splits_work(distribution, self.distribute_roots):
-            results, failures = self.refresh_matrices(everything)
+        if not factors:
+            return
+        if self.averages_locally(distribution):
+            # Local SGD: each replica refreshes from its own statistics.
+            # Inside `extended.update` reads and assignments of mirrored
+            # variables act on the replica being updated.
+            def own_refresh(_):
+                self._store(*self.refresh_matrices(everything))
+
+            distribution.extended.update(
+                self._statistics[0].value, own_refresh, group=False
+            )
+        elif not sharded.splits_work(distribution, self.distribute_roots):
+            self._store(*self.refresh_matrices(everything))
         else:
             shares = greedy_partition(
                 [root_cost(f.size) for f in factors],
@@ -158,7 +182,9 @@ class BlockedPreconditioner(Communication, keras.optimizers.Optimizer):
             by_index, failures = sharded.run_sharded(
                 distribution, shares, shapes, self.refresh_matrices, widest
             )
-            results = [by_index[i] for i in everything]
+            self._store([by_index[i] for i in everything], failures)
+
+    def _store(self, results, failures):
         self.store_refreshed(results)
         self._root_failures.assign_add(tf.cast(failures, tf.int64))
 

@@ -81,7 +81,13 @@ class Shampoo(BlockedPreconditioner):
         compression, error_feedback, aggregation: what replicas send each
             other (see `tfso.distribute.Communication`): a compressor name
             or instance, error feedback (`None` = on for biased
-            compressors), `"mean"` or `"majority_vote"`.
+            compressors), `"mean"`, `"majority_vote"` or `"bidirectional"`.
+        average_every, average_warmup_steps: local SGD (`None` = off): after
+            W synchronous steps, replicas step on their own gradients and
+            average weights and optimizer state every I steps. Roots are then
+            computed by every replica from its own statistics.
+        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
+            when the gradient norm stays small (leaves strict saddles).
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -115,6 +121,9 @@ class Shampoo(BlockedPreconditioner):
         compression=None,
         error_feedback=None,
         aggregation="mean",
+        average_every=None,
+        average_warmup_steps=0,
+        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -175,7 +184,15 @@ class Shampoo(BlockedPreconditioner):
         self.distribute_roots = _validate.choice(
             "distribute_roots", distribute_roots, ("auto", True, False)
         )
-        self._init_communication(compression, error_feedback, aggregation)
+        self._init_communication(
+            compression,
+            error_feedback,
+            aggregation,
+            average_every,
+            average_warmup_steps,
+            saddle_escape,
+        )
+        self.check_distribute_roots()
 
     @property
     def start_step(self):

@@ -32,6 +32,11 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
         error_feedback: `None` (off under majority vote, on for biased
             compressors under `"mean"`), `True` or `False`.
         aggregation: `"majority_vote"` (default) or `"mean"`.
+        average_every, average_warmup_steps: local SGD (needs
+            `compression=None, aggregation="mean"`): each replica steps on the
+            sign of its own momentum and weights are averaged every I steps.
+        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
+            when the gradient norm stays small (leaves strict saddles).
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -53,6 +58,9 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
         compression="sign",
         error_feedback=None,
         aggregation="majority_vote",
+        average_every=None,
+        average_warmup_steps=0,
+        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -83,7 +91,14 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
         self.momentum = _validate.in_range(
             "momentum", momentum, 0.0, 1.0, high_open=True
         )
-        self._init_communication(compression, error_feedback, aggregation)
+        self._init_communication(
+            compression,
+            error_feedback,
+            aggregation,
+            average_every,
+            average_warmup_steps,
+            saddle_escape,
+        )
 
     def build(self, var_list):
         if self.built:

@@ -65,6 +65,10 @@ class SOAP(BlockedPreconditioner):
         distribute_roots: `"auto"`, `True` or `False`, as in Shampoo.
         compression, error_feedback, aggregation: what replicas send each
             other, as for every tf_secondorder optimizer.
+        average_every, average_warmup_steps: local SGD, as for every
+            tf_secondorder optimizer (`None` = off).
+        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
+            when the gradient norm stays small (leaves strict saddles).
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -95,6 +99,9 @@ class SOAP(BlockedPreconditioner):
         compression=None,
         error_feedback=None,
         aggregation="mean",
+        average_every=None,
+        average_warmup_steps=0,
+        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -149,7 +156,15 @@ class SOAP(BlockedPreconditioner):
         self.distribute_roots = _validate.choice(
             "distribute_roots", distribute_roots, ("auto", True, False)
         )
-        self._init_communication(compression, error_feedback, aggregation)
+        self._init_communication(
+            compression,
+            error_feedback,
+            aggregation,
+            average_every,
+            average_warmup_steps,
+            saddle_escape,
+        )
+        self.check_distribute_roots()
 
     @property
     def start_step(self):

@@ -1,0 +1,73 @@
+"""Replica sync for local SGD: averaged weights wherever Keras reads them."""
+
+import numbers
+
+import keras
+
+
+def _optimizer(model):
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "inner_optimizer", optimizer)
+
+
+def _averages(model):
+    return getattr(_optimizer(model), "average_every", None) is not None
+
+
+class SyncReplicas(keras.callbacks.Callback):
+    """Averages the replicas' weights before anything outside training reads them.
+
+    With `average_every` (local SGD) the replicas' weights differ between
+    averages, and Keras reads replica 0's copy outside a train step. This
+    callback averages (one collective, only when local steps ran since the
+    last average) before evaluation and prediction, at the end of each epoch
+    (before checkpoints and backups: it runs first), every `save_every`
+    batches for batch-frequency checkpoints, and at the end of `fit`.
+
+    `fit`, `evaluate` and `predict` add it automatically when the model's
+    optimizer averages; passing it explicitly is harmless.
+
+    Args:
+        save_every: batch frequencies (ints) at which other callbacks save.
+    """
+
+    def __init__(self, save_every=()):
+        super().__init__()
+        self.save_every = tuple(int(f) for f in save_every)
+        self._batches = 0
+
+    def _sync(self):
+        optimizer = _optimizer(self.model)
+        if hasattr(optimizer, "average_replicas"):
+            optimizer.average_replicas()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if any(self._batches % f == 0 for f in self.save_every):
+            self._sync()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._sync()
+
+    def on_train_end(self, logs=None):
+        self._sync()
+
+    def on_test_begin(self, logs=None):
+        self._sync()
+
+    def on_predict_begin(self, logs=None):
+        self._sync()
+
+
+def automatic_callbacks(model, callbacks):
+    """The callbacks Keras's CallbackList gets for `model` (see _keras_hooks)."""
+    if not _averages(model) or any(isinstance(c, SyncReplicas) for c in callbacks):
+        return []
+    frequencies = [
+        c.save_freq
+        for c in callbacks
+        if isinstance(getattr(c, "save_freq", None), numbers.Integral)
+        and not isinstance(c.save_freq, bool)
+        and c.save_freq > 0
+    ]
+    return [SyncReplicas(save_every=frequencies)]
