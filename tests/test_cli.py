@@ -47,3 +47,102 @@ def test_unknown_task_is_named():
 
     with pytest.raises(ValueError, match="`task`"):
         cli.main(["bench", "--task", "imagenet", "--steps", "10"])
+
+
+def test_bench_plots_and_every_optimizer_name(tmp_path):
+    code = cli.main(
+        [
+            "bench",
+            "--optimizers",
+            "adam,sgd,lion,soap+sign",
+            "--lrs",
+            "1e-3",
+            "--steps",
+            "50",
+            "--verbose",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    assert (tmp_path / "loss_vs_steps.png").stat().st_size > 1000
+    assert (tmp_path / "loss_vs_time.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert [r["optimizer"] for r in report["runs"]] == [
+        "adam",
+        "sgd",
+        "lion",
+        "soap+sign",
+    ]
+    for run in report["runs"]:
+        assert run["curve"] and all(len(p) == 2 for p in run["curve"])
+        assert run["median_step_seconds"] > 0 and "steps_to_target" in run
+
+
+def test_unknown_optimizer_and_compressor_are_named():
+    import pytest
+
+    with pytest.raises(ValueError, match="optimizers"):
+        cli.main(["bench", "--optimizers", "adam,adagrad", "--steps", "10"])
+    with pytest.raises(ValueError, match="compressor"):
+        cli.main(["bench", "--optimizers", "shampoo+zip", "--steps", "10"])
+
+
+def test_tfds_task_without_data_says_what_to_do(capsys):
+    from tf_secondorder.bench import tasks
+
+    try:
+        tasks.load_tfds("mnist", "train")
+        has_mnist = True
+    except tasks.TaskUnavailable:
+        has_mnist = False
+    if has_mnist:
+        return  # the task is usable here; nothing to explain
+    code = cli.main(["bench", "--task", "mnist", "--steps", "10"])
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "mnist" in message and "tensorflow" in message.lower()
+    assert "digits-ae" in message  # the offline alternatives
+
+
+def test_bench_with_replicas_reports_bytes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tf_secondorder.cli",
+            "bench",
+            "--replicas",
+            "2",
+            "--optimizers",
+            "adam,adam+sign",
+            "--lrs",
+            "1e-3",
+            "--steps",
+            "50",
+            "--verbose",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bytes/step" in result.stdout
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    plain, sign = runs
+    assert (
+        plain["replicas"] == 2
+        and plain["bytes_per_step"] == plain["float32_bytes_per_step"]
+    )
+    assert 0 < sign["bytes_per_step"] < plain["bytes_per_step"] / 20

@@ -52,3 +52,57 @@ def test_custom_loop_strategy_example():
     assert "on 2 replicas" in out and "root failures 0" in out
     accuracy = float(out.split("held-out accuracy ")[1].split(",")[0])
     assert accuracy > 0.8
+
+
+@pytest.mark.slow
+def test_mnist_shampoo_example_falls_back_to_digits_offline():
+    out = run_example("mnist_shampoo.py", "--epochs", "2", "--steps-per-epoch", "12")
+    assert "Using scikit-learn digits instead" in out or "mnist (TFDS)" in out
+    accuracy = float(out.split("test accuracy ")[1].split(",")[0])
+    assert accuracy > 0.5 and "root failures 0" in out
+
+
+@pytest.mark.slow
+def test_compressed_multiworker_example_under_launch():
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    script = os.path.join(ROOT, "examples", "compressed_multiworker.py")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tf_secondorder.cli",
+            "launch",
+            "--workers",
+            "2",
+            "--timeout",
+            "240",
+            "--",
+            sys.executable,
+            script,
+            "--epochs",
+            "2",
+            "--steps-per-epoch",
+            "10",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    line = next(x for x in out.splitlines() if "held-out accuracy" in x)
+    assert "replicas 2, compression sign" in line
+    sent = int(line.split("bytes per replica per step ")[1].split()[0])
+    float32 = int(line.split("(float32: ")[1].rstrip(")"))
+    assert 0 < sent < float32 / 20  # 1 bit per parameter, plus padding
+
+
+@pytest.mark.slow
+def test_export_savedmodel_example(tmp_path):
+    out = run_example(
+        "export_savedmodel.py", "--epochs", "2", "--out", str(tmp_path / "exported")
+    )
+    assert "serve() matches the model" in out
+    assert (tmp_path / "exported" / "saved_model.pb").exists()

@@ -18,6 +18,31 @@ def _parse_options(pairs):
     return options
 
 
+def _logical_strategy(replicas):
+    """A MirroredStrategy over `replicas` logical CPUs (or all GPUs if as many)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= replicas:
+        return tf.distribute.MirroredStrategy(
+            [f"/gpu:{i}" for i in range(replicas)]
+        )
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
+    except RuntimeError:
+        pass  # TensorFlow already initialised: use the logical CPUs it has
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < replicas:
+        raise ValueError(
+            f"`replicas`={replicas} needs that many devices; TensorFlow was "
+            f"already initialised with {len(devices)} CPU devices."
+        )
+    return tf.distribute.MirroredStrategy(devices[:replicas])
+
+
 def bench(args):
     import keras
     import tensorflow as tf
@@ -25,25 +50,44 @@ def bench(args):
     from tf_secondorder import __version__
     from tf_secondorder.bench import runner, tasks
 
-    task = tasks.get_task(args.task, args.steps)
-    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(task.lrs)
+    if args.replicas < 1:
+        raise ValueError(
+            f"`replicas` must be an integer >= 1. Received: replicas={args.replicas}"
+        )
     names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    for name in names:
+        runner.parse_name(name)  # fail before any training
+    strategy = _logical_strategy(args.replicas) if args.replicas > 1 else None
+    try:
+        task = tasks.get_task(args.task, args.steps)
+    except tasks.TaskUnavailable as e:
+        print(f"tf-secondorder bench: {e}", file=sys.stderr)
+        return 2
+    lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(task.lrs)
     shampoo_options = _parse_options(args.shampoo_option)
     results = []
     for name in names:
         for lr in lrs:
             print(f"== {task.name}: {name} lr={lr:g}", flush=True)
-            options = shampoo_options if name == "shampoo" else None
+            options = shampoo_options if name.split("+")[0] == "shampoo" else None
             results.append(
                 runner.run(
-                    task, name, lr, options, seed=args.seed, verbose=args.verbose
+                    task,
+                    name,
+                    lr,
+                    options,
+                    seed=args.seed,
+                    verbose=args.verbose,
+                    strategy=strategy,
                 )
             )
     summary = runner.summarize(task, results)
+    summary["metric"] = task.info.get("metric", "loss")
     print(runner.format_table(summary, results))
     report = {
         **summary,
         "steps": task.steps,
+        "replicas": args.replicas,
         "command": " ".join(["tf-secondorder"] + sys.argv[1:]),
         "versions": {
             "tf_secondorder": __version__,
@@ -57,7 +101,8 @@ def bench(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(report, f, indent=1)
-    print(f"wrote {os.path.join(args.out, 'results.json')}")
+    plots = runner.plot(summary, results, args.out)
+    print(f"wrote {os.path.join(args.out, 'results.json')}, " + ", ".join(plots))
     return 0
 
 
@@ -91,13 +136,29 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="tf-secondorder")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="train optimizers on a benchmark task and compare")
-    b.add_argument("--task", default="digits-ae")
-    b.add_argument("--optimizers", default="adam,shampoo")
+    b.add_argument(
+        "--task",
+        default="digits-ae",
+        help="digits-ae (T1), pydoc-lm (T2), or the TFDS tasks mnist, cifar10",
+    )
+    b.add_argument(
+        "--optimizers",
+        default="adam,shampoo",
+        help="comma-separated: adam, adamw, sgd, lion, muon, shampoo, soap, "
+        "signsgd, each optionally +COMPRESSOR (e.g. shampoo+sign)",
+    )
     b.add_argument(
         "--lrs", default=None, help="comma-separated; default: the task's grid"
     )
     b.add_argument("--steps", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="train under MirroredStrategy on this many logical CPUs (or GPUs); "
+        "the table then shows bytes per replica per step",
+    )
     b.add_argument(
         "--shampoo-option",
         action="append",

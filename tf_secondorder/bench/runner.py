@@ -20,17 +20,54 @@ BENCH_SOAP = dict(precondition_frequency=10, block_size=256)
 BENCH_OPTIONS = {"shampoo": BENCH_SHAMPOO, "soap": BENCH_SOAP}
 
 
-def make_optimizer(name, learning_rate, options=None):
+KERAS_OPTIMIZERS = {
+    "adam": lambda lr, **o: keras.optimizers.Adam(lr, **o),
+    "adamw": lambda lr, **o: keras.optimizers.AdamW(lr, **o),
+    "sgd": lambda lr, **o: keras.optimizers.SGD(lr, **{"momentum": 0.9, **o}),
+    "lion": lambda lr, **o: keras.optimizers.Lion(lr, **o),
+    "muon": lambda lr, **o: keras.optimizers.Muon(lr, **o),
+}
+TFSO_OPTIMIZERS = {
+    "shampoo": lambda lr, **o: tfso.Shampoo(lr, **{**BENCH_SHAMPOO, **o}),
+    "soap": lambda lr, **o: tfso.SOAP(lr, **{**BENCH_SOAP, **o}),
+    "signsgd": lambda lr, **o: tfso.SignSGD(lr, **{"momentum": 0.9, **o}),
+}
+
+
+def optimizer_names():
+    """Every accepted name; any of them may end in "+COMPRESSOR"."""
+    return sorted(KERAS_OPTIMIZERS) + sorted(TFSO_OPTIMIZERS)
+
+
+def parse_name(name):
+    """"shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked."""
+    base, _, compression = name.partition("+")
+    if base not in KERAS_OPTIMIZERS and base not in TFSO_OPTIMIZERS:
+        raise ValueError(
+            f"`optimizers` entries must be one of {optimizer_names()}, optionally "
+            f"followed by +COMPRESSOR (e.g. shampoo+sign). Received: {name!r}"
+        )
+    if not compression:
+        return base, {}
+    if compression not in tfso.compression.names():
+        raise ValueError(
+            f"`optimizers` entry {name!r}: the compressor after '+' must be one of "
+            f"{tfso.compression.names()}."
+        )
+    return base, {"compression": compression}
+
+
+def make_optimizer(name, learning_rate, options=None, wrap=False):
+    """The optimizer `name` (see `parse_name`); Keras optimizers go through
+    `tfso.distributed` when compressed or when `wrap` (to count bytes)."""
+    base, communication = parse_name(name)
     options = dict(options or {})
-    if name == "adam":
-        return keras.optimizers.Adam(learning_rate, **options)
-    if name == "shampoo":
-        return tfso.Shampoo(learning_rate, **{**BENCH_SHAMPOO, **options})
-    if name == "soap":
-        return tfso.SOAP(learning_rate, **{**BENCH_SOAP, **options})
-    raise ValueError(
-        f"`optimizers` entries must be 'adam', 'shampoo' or 'soap'. Received: {name!r}"
-    )
+    if base in TFSO_OPTIMIZERS:
+        return TFSO_OPTIMIZERS[base](learning_rate, **communication, **options)
+    optimizer = KERAS_OPTIMIZERS[base](learning_rate, **options)
+    if communication or wrap:
+        optimizer = tfso.distributed(optimizer, **communication)
+    return optimizer
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -57,14 +94,20 @@ class _Recorder(keras.callbacks.Callback):
             )
 
 
-def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
-    model = task.make_model(seed)
-    optimizer = make_optimizer(optimizer_name, learning_rate, options)
-    # Without a strategy Keras builds the optimizer inside the first trace of
-    # the train step, and creating variables there makes TensorFlow trace it
-    # twice; building first (for every optimizer alike) avoids the retrace.
-    optimizer.build(model.trainable_variables)
-    model.compile(optimizer=optimizer, loss=task.loss)
+def run(
+    task, optimizer_name, learning_rate, options=None, seed=0, verbose=1, strategy=None
+):
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    with strategy.scope() if strategy is not None else _no_scope():
+        model = task.make_model(seed)
+        optimizer = make_optimizer(
+            optimizer_name, learning_rate, options, wrap=replicas > 1
+        )
+        # Without a strategy Keras builds the optimizer inside the first trace
+        # of the train step, and creating variables there makes TensorFlow
+        # trace it twice; building first (for every optimizer alike) avoids it.
+        optimizer.build(model.trainable_variables)
+        model.compile(optimizer=optimizer, loss=task.loss)
     recorder = _Recorder(task)
     model.fit(
         task.make_dataset(seed),
@@ -74,10 +117,12 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
         verbose=verbose,
     )
     times = np.array(recorder.step_times)
+    base = parse_name(optimizer_name)[0]
     result = {
         "optimizer": optimizer_name,
         "learning_rate": learning_rate,
-        "options": dict(BENCH_OPTIONS.get(optimizer_name, {}), **(options or {})),
+        "replicas": replicas,
+        "options": dict(BENCH_OPTIONS.get(base, {}), **(options or {})),
         "curve": [[s, loss] for s, loss, _ in recorder.curve],
         "curve_seconds": [t for _, _, t in recorder.curve],
         "final_loss": recorder.curve[-1][1],
@@ -88,6 +133,10 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
         # Tracing (and the first refresh's kernels): paid once per run.
         "first_step_seconds": float(times[0]),
     }
+    if hasattr(optimizer, "communication_stats") and replicas > 1:
+        stats = optimizer.communication_stats()
+        result["bytes_per_step"] = stats["bytes_per_step"]
+        result["float32_bytes_per_step"] = stats["float32_bytes_per_step"]
     if isinstance(optimizer, (tfso.Shampoo, tfso.SOAP)):
         refresh = [
             s
@@ -103,6 +152,14 @@ def run(task, optimizer_name, learning_rate, options=None, seed=0, verbose=1):
             )
         result["root_failures"] = int(optimizer.root_failures.numpy())
     return result
+
+
+class _no_scope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *args):
+        return False
 
 
 def steps_and_seconds_to(result, target):
@@ -149,10 +206,12 @@ def format_table(summary, results):
         f"task {summary['task']}: target {summary['target']:.5f} "
         f"(best {summary['baseline']}, lr {summary['baseline_lr']:g})"
     )
+    width = max([11] + [len(r["optimizer"]) for r in results])
+    with_bytes = any("bytes_per_step" in r for r in results)
     lines = [
         head,
-        "optimizer   lr       final     steps->tgt  steps x  step-time x  "
-        "(amortised)  time->tgt x  refresh x",
+        f"{'optimizer':<{width}} lr       final     steps->tgt  steps x  step-time x  "
+        "(amortised)  time->tgt x  refresh x" + ("  bytes/step" if with_bytes else ""),
     ]
 
     def fmt(value, spec):
@@ -160,10 +219,42 @@ def format_table(summary, results):
 
     for r in results:
         lines.append(
-            f"{r['optimizer']:<11} {r['learning_rate']:<8g} {r['final_loss']:<9.5f} "
+            f"{r['optimizer']:<{width}} {r['learning_rate']:<8g} {r['final_loss']:<9.5f} "
             f"{fmt(r['steps_to_target'], 'd'):>10}  {fmt(r['steps_ratio'], '.2f'):>7}  "
             f"{r['step_time_ratio']:>11.2f}  {r['amortized_step_time_ratio']:>11.2f}  "
             f"{fmt(r['time_ratio'], '.2f'):>11}  "
             f"{fmt(r.get('refresh_cost'), '.1f'):>9}"
+            + (f"  {fmt(r.get('bytes_per_step'), 'd'):>10}" if with_bytes else "")
         )
     return "\n".join(lines)
+
+
+def plot(summary, results, out_dir):
+    """loss_vs_steps.png and loss_vs_time.png in `out_dir`; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, axis, label in (
+        ("loss_vs_steps.png", "steps", "step"),
+        ("loss_vs_time.png", "seconds", "training seconds"),
+    ):
+        figure, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        for r in results:
+            losses = [loss for _, loss in r["curve"]]
+            xs = [s for s, _ in r["curve"]] if axis == "steps" else r["curve_seconds"]
+            ax.plot(xs, losses, label=f"{r['optimizer']} lr={r['learning_rate']:g}")
+        ax.axhline(summary["target"], color="gray", linestyle=":", label="target")
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel(summary.get("metric", "loss"))
+        ax.set_title(f"{summary['task']}")
+        ax.legend(fontsize=7, ncol=2)
+        figure.tight_layout()
+        path = f"{out_dir}/{name}"
+        figure.savefig(path)
+        plt.close(figure)
+        paths.append(path)
+    return paths

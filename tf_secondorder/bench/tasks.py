@@ -136,7 +136,92 @@ def pydoc_language_model(steps=2000, context=128, batch_size=32, eval_windows=25
     )
 
 
-TASKS = {"digits-ae": digits_autoencoder, "pydoc-lm": pydoc_language_model}
+class TaskUnavailable(RuntimeError):
+    """The task's data is not on this machine (TFDS tasks)."""
+
+
+def load_tfds(name, split):
+    """(images, labels) NumPy arrays of a TFDS dataset already on disk.
+
+    Never downloads: the benchmark machine may be offline. Raises
+    TaskUnavailable with what to do when the package or the data is missing.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise TaskUnavailable(
+            f"task {name!r} needs TensorFlow Datasets with {name!r} prepared: "
+            f"pip install tensorflow-datasets, then on a machine with network "
+            f"python -c \"import tensorflow_datasets as tfds; tfds.load('{name}')\" "
+            "and copy ~/tensorflow_datasets (or set TFDS_DATA_DIR). Offline "
+            "tasks: digits-ae, pydoc-lm."
+        ) from e
+    builder = tfds.builder(name)
+    try:
+        prepared = builder.is_prepared()
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        prepared = False
+    if not prepared:
+        raise TaskUnavailable(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir!r}; run "
+            f"python -c \"import tensorflow_datasets as tfds; tfds.load('{name}')\" "
+            "with network access, or set TFDS_DATA_DIR to where it is. Offline "
+            "tasks: digits-ae, pydoc-lm."
+        )
+    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    return data["image"].astype("float32") / 255.0, data["label"].astype("int32")
+
+
+def tfds_classifier(name, steps=2000, batch_size=128):
+    """A small CNN classifier on TFDS `name` (mnist, cifar10); test-set loss."""
+    x, y = load_tfds(name, "train")
+    test_x, test_y = load_tfds(name, "test")
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def make_model(seed):
+        keras.utils.set_random_seed(seed)
+        return keras.Sequential(
+            [
+                keras.Input(x.shape[1:]),
+                keras.layers.Conv2D(32, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Conv2D(64, 3, activation="relu"),
+                keras.layers.MaxPooling2D(),
+                keras.layers.Flatten(),
+                keras.layers.Dense(128, activation="relu"),
+                keras.layers.Dense(10),
+            ],
+            name=f"{name}_cnn",
+        )
+
+    def make_dataset(seed, batch_size=batch_size):
+        data = tf.data.Dataset.from_tensor_slices((x, y))
+        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+        return data.batch(batch_size, drop_remainder=True).repeat().prefetch(2)
+
+    def evaluate(model):
+        logits = model.predict(test_x, batch_size=1000, verbose=0)
+        return float(loss_fn(test_y, logits))
+
+    return Task(
+        name=name,
+        steps=steps,
+        eval_every=100,
+        batch_size=batch_size,
+        make_model=make_model,
+        make_dataset=make_dataset,
+        evaluate=evaluate,
+        loss=loss_fn,
+        info={"examples": int(len(x)), "metric": "test cross-entropy", "source": "TFDS"},
+    )
+
+
+TASKS = {
+    "digits-ae": digits_autoencoder,
+    "pydoc-lm": pydoc_language_model,
+    "mnist": lambda steps=2000: tfds_classifier("mnist", steps),
+    "cifar10": lambda steps=2000: tfds_classifier("cifar10", steps),
+}
 
 
 def get_task(name, steps=None):
