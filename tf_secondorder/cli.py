@@ -24,9 +24,7 @@ def _logical_strategy(replicas):
 
     gpus = tf.config.list_physical_devices("GPU")
     if len(gpus) >= replicas:
-        return tf.distribute.MirroredStrategy(
-            [f"/gpu:{i}" for i in range(replicas)]
-        )
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(replicas)])
     cpus = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(

@@ -40,7 +40,7 @@ def optimizer_names():
 
 
 def parse_name(name):
-    """"shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked."""
+    """ "shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked."""
     base, _, compression = name.partition("+")
     if base not in KERAS_OPTIMIZERS and base not in TFSO_OPTIMIZERS:
         raise ValueError(
@@ -236,6 +236,11 @@ def plot(summary, results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour per optimizer, one line style per learning rate.
+    names = list(dict.fromkeys(r["optimizer"] for r in results))
+    rates = sorted({r["learning_rate"] for r in results})
+    styles = ["-", "--", ":", "-."]
+    colours = plt.get_cmap("tab10")
     paths = []
     for name, axis, label in (
         ("loss_vs_steps.png", "steps", "step"),
@@ -245,8 +250,14 @@ def plot(summary, results, out_dir):
         for r in results:
             losses = [loss for _, loss in r["curve"]]
             xs = [s for s, _ in r["curve"]] if axis == "steps" else r["curve_seconds"]
-            ax.plot(xs, losses, label=f"{r['optimizer']} lr={r['learning_rate']:g}")
-        ax.axhline(summary["target"], color="gray", linestyle=":", label="target")
+            ax.plot(
+                xs,
+                losses,
+                color=colours(names.index(r["optimizer"]) % 10),
+                linestyle=styles[rates.index(r["learning_rate"]) % len(styles)],
+                label=f"{r['optimizer']} lr={r['learning_rate']:g}",
+            )
+        ax.axhline(summary["target"], color="black", linewidth=0.8, label="target")
         ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(summary.get("metric", "loss"))

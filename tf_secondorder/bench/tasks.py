@@ -212,7 +212,11 @@ def tfds_classifier(name, steps=2000, batch_size=128):
         make_dataset=make_dataset,
         evaluate=evaluate,
         loss=loss_fn,
-        info={"examples": int(len(x)), "metric": "test cross-entropy", "source": "TFDS"},
+        info={
+            "examples": int(len(x)),
+            "metric": "test cross-entropy",
+            "source": "TFDS",
+        },
     )
 
 
