@@ -17,6 +17,8 @@ def test_bench_writes_results(tmp_path, capsys):
             "3e-3",
             "--steps",
             "100",
+            "--eval-every",
+            "25",
             "--verbose",
             "0",
             "--out",
@@ -35,7 +37,8 @@ def test_bench_writes_results(tmp_path, capsys):
     assert {"tensorflow", "keras", "tf_secondorder"} <= set(report["versions"])
     runs = {r["optimizer"]: r for r in report["runs"]}
     assert runs["shampoo"]["options"]["precondition_frequency"] == 20
-    assert [s for s, _ in runs["adam"]["curve"]] == [50, 100]
+    assert report["eval_every"] == 25
+    assert [s for s, _ in runs["adam"]["curve"]] == [25, 50, 75, 100]
     assert runs["shampoo"]["root_failures"] == 0
     assert runs["shampoo"]["refresh_step_seconds"] > 0
     # The target is the best Adam's final loss, which Adam reaches at its end.
@@ -47,6 +50,14 @@ def test_unknown_task_is_named():
 
     with pytest.raises(ValueError, match="`task`"):
         cli.main(["bench", "--task", "imagenet", "--steps", "10"])
+
+
+def test_eval_every_outside_the_run_is_named():
+    import pytest
+
+    for value in ("0", "11", "3"):
+        with pytest.raises(ValueError, match="`eval_every`.*between 1 and"):
+            cli.main(["bench", "--steps", "10", "--eval-every", value])
 
 
 def test_bench_plots_and_every_optimizer_name(tmp_path):

@@ -61,6 +61,14 @@ def bench(args):
     except tasks.TaskUnavailable as e:
         print(f"tf-secondorder bench: {e}", file=sys.stderr)
         return 2
+    if args.eval_every is not None:
+        if not 1 <= args.eval_every <= task.steps or task.steps % args.eval_every:
+            raise ValueError(
+                "`eval_every` must be an integer between 1 and the number of "
+                f"steps ({task.steps}) that divides it. "
+                f"Received: eval_every={args.eval_every}"
+            )
+        task.eval_every = args.eval_every
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else list(task.lrs)
     shampoo_options = _parse_options(args.shampoo_option)
     results = []
@@ -85,6 +93,7 @@ def bench(args):
     report = {
         **summary,
         "steps": task.steps,
+        "eval_every": task.eval_every,
         "replicas": args.replicas,
         "command": " ".join(["tf-secondorder"] + sys.argv[1:]),
         "versions": {
@@ -149,6 +158,13 @@ def main(argv=None):
         "--lrs", default=None, help="comma-separated; default: the task's grid"
     )
     b.add_argument("--steps", type=int, default=None)
+    b.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        help="steps between task-loss evaluations; default: the task's "
+        "(50 for digits-ae, 100 for pydoc-lm)",
+    )
     b.add_argument("--seed", type=int, default=0)
     b.add_argument(
         "--replicas",

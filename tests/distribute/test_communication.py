@@ -76,8 +76,10 @@ def test_every_compressor_trains_close_to_uncompressed(
     assert optimizer.communication_stats()["bytes_per_step"] > 0
 
 
-@pytest.mark.parametrize("compression", C.names())
-def test_without_a_strategy_every_option_is_a_no_op(compression):
+# With one replica the path is the same for every compressor; these three
+# cover error feedback (sign, topk) and compressor state (powersgd).
+@pytest.mark.parametrize("compression", ["sign", "topk", "powersgd"])
+def test_without_a_strategy_options_are_a_no_op(compression):
     x, y = regression_data(64)
     results = []
     for options in ({}, {"compression": compression}):

@@ -47,13 +47,8 @@ def train(strategy, distribute_roots, root_method="eigh", steps=7):
     return model, optimizer
 
 
-def main():
-    count, out = int(sys.argv[1]), sys.argv[2]
-    root_method = sys.argv[3] if len(sys.argv) > 3 else "eigh"
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration()] * count
-    )
+def collect(strategy, root_method="eigh"):
+    """Arrays of a split and an unsplit run under `strategy`, with the shares."""
     import tf_secondorder as tfso
 
     shares = []
@@ -63,22 +58,35 @@ def main():
         shares.append(list(factor_indices))
         return original(self, factor_indices)
 
+    arrays = {}
     tfso.Shampoo.refresh_matrices = recording
+    try:
+        for label, mode in (("split", True), ("unsplit", False)):
+            shares.clear()
+            model, optimizer = train(strategy, mode, root_method)
+            for i, v in enumerate(list(model.weights) + list(optimizer.variables)):
+                # Keyed by index and kind: layer names differ between runs.
+                kind = "preconditioner" if "preconditioner" in v.path else "other"
+                arrays[f"{label}/{i:03d}/{kind}"] = np.asarray(v.numpy(), np.float64)
+            arrays[f"{label}/shares"] = np.array(
+                [i for share in shares for i in share] or [-1]
+            )
+            arrays[f"{label}/share_count"] = np.array(len(shares))
+    finally:
+        tfso.Shampoo.refresh_matrices = original
+    return arrays
+
+
+def main():
+    count, out = int(sys.argv[1]), sys.argv[2]
+    root_method = sys.argv[3] if len(sys.argv) > 3 else "eigh"
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count
+    )
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices)
-    arrays = {}
-    for label, mode in (("split", True), ("unsplit", False)):
-        shares.clear()
-        model, optimizer = train(strategy, mode, root_method)
-        for i, v in enumerate(list(model.weights) + list(optimizer.variables)):
-            # Keyed by index and kind: layer names differ between runs.
-            kind = "preconditioner" if "preconditioner" in v.path else "other"
-            arrays[f"{label}/{i:03d}/{kind}"] = np.asarray(v.numpy(), np.float64)
-        arrays[f"{label}/shares"] = np.array(
-            [i for share in shares for i in share] or [-1]
-        )
-        arrays[f"{label}/share_count"] = np.array(len(shares))
-    np.savez(out, **arrays)
+    np.savez(out, **collect(strategy, root_method))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Root refreshes split across replicas (SPEC §3.4) equal the unsplit ones."""
+"""Root refreshes split across replicas (SPEC §3.4) equal the unsplit ones.
+
+Two replicas run in this process on the session's MirroredStrategy; four need
+a fresh process with four logical CPUs (`split_roots_run.py`).
+"""
 
 import os
 import subprocess
@@ -13,7 +17,9 @@ from tf_secondorder.optimizers._shampoo_layout import ShampooLayout
 SCRIPT = os.path.join(os.path.dirname(__file__), "split_roots_run.py")
 
 
-def _run(tmp_path, replicas, root_method="eigh"):
+def _run(tmp_path, replicas, root_method="eigh", strategy=None):
+    if strategy is not None and strategy.num_replicas_in_sync == replicas:
+        return split_roots_run.collect(strategy, root_method)
     out = tmp_path / f"split-{replicas}-{root_method}.npz"
     done = subprocess.run(
         [sys.executable, SCRIPT, str(replicas), str(out), root_method],
@@ -41,8 +47,10 @@ def _factor_count():
 
 
 @pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_split_refresh_is_identical_and_shares_are_disjoint(tmp_path, replicas):
-    arrays = _run(tmp_path, replicas)
+def test_split_refresh_is_identical_and_shares_are_disjoint(
+    tmp_path, mirrored, replicas
+):
+    arrays = _run(tmp_path, replicas, strategy=mirrored)
     for key, split, unsplit in _pairs(arrays):
         np.testing.assert_array_equal(split, unsplit, err_msg=key)
     preconditioners = [k for k, s, _ in _pairs(arrays) if "preconditioner" in k]
@@ -57,11 +65,10 @@ def test_split_refresh_is_identical_and_shares_are_disjoint(tmp_path, replicas):
     assert int(arrays["unsplit/share_count"]) == 1
 
 
-@pytest.mark.slow
-def test_split_refresh_with_coupled_newton_agrees_to_rounding(tmp_path):
+def test_split_refresh_with_coupled_newton_agrees_to_rounding(tmp_path, mirrored):
     # XLA rounds a batched matmul differently depending on the batch, so the
     # iterative roots agree to float32 rounding rather than bit for bit.
-    arrays = _run(tmp_path, 2, "coupled_newton")
+    arrays = _run(tmp_path, 2, "coupled_newton", strategy=mirrored)
     for key, split, unsplit in _pairs(arrays):
         scale = max(np.linalg.norm(unsplit), 1e-6)
         assert np.linalg.norm(split - unsplit) / scale < 1e-3, key
