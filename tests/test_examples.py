@@ -1,4 +1,11 @@
-"""Every example runs to completion on its default offline data (few steps)."""
+"""Every example runs to completion on its default offline data (few steps).
+
+Each run is mostly Python, TensorFlow and Keras starting and tracing, so
+steps are cut only where the checks still hold with margin: one epoch of
+shampoo_digits reaches ~0.9 held-out accuracy (checked: > 0.8); mnist_shampoo
+needs its 2 x 12 steps for > 0.5 and custom_loop_strategy its 60 steps to
+halve the loss.
+"""
 
 import os
 import subprocess
@@ -27,7 +34,7 @@ def test_shampoo_digits_example(tmp_path):
     out = run_example(
         "shampoo_digits.py",
         "--epochs",
-        "3",
+        "1",
         "--strategy",
         "mirrored",
         "--logical-cpus",
@@ -80,7 +87,7 @@ def test_compressed_multiworker_example_under_launch():
             sys.executable,
             script,
             "--epochs",
-            "2",
+            "1",
             "--steps-per-epoch",
             "10",
         ],
@@ -102,7 +109,7 @@ def test_compressed_multiworker_example_under_launch():
 @pytest.mark.slow
 def test_export_savedmodel_example(tmp_path):
     out = run_example(
-        "export_savedmodel.py", "--epochs", "2", "--out", str(tmp_path / "exported")
+        "export_savedmodel.py", "--epochs", "1", "--out", str(tmp_path / "exported")
     )
     assert "serve() matches the model" in out
     assert (tmp_path / "exported" / "saved_model.pb").exists()

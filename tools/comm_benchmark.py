@@ -1,4 +1,4 @@
-"""Bytes per replica per step and T1 final loss for every compressor, 2 replicas.
+"""Bytes per replica per step and digits-ae final loss for every compressor, 2 replicas.
 
     python tools/comm_benchmark.py                      # both tables
     python tools/comm_benchmark.py --skip-t1            # bytes only (~1 min)
@@ -7,7 +7,7 @@
 Bytes are read from `optimizer.communication_stats()` after real steps under
 MirroredStrategy on 2 logical CPUs (the tensors handed to collectives), on an
 MLP 784-1024-512-10 (1.33 M parameters); the baseline is uncompressed float32
-measured in the same run. T1 (`digits-ae`, BENCHMARKS.md) runs Adam(3e-3)
+measured in the same run. digits-ae (the bench's default task) runs Adam(3e-3)
 through `tfso.distributed` at 2 replicas (global batch 128) for each
 compressor, plus `tfso.SignSGD` (majority vote).
 """
@@ -139,7 +139,7 @@ def main(argv=None):
     parser.add_argument("--t1-steps", type=int, default=2000)
     parser.add_argument("--out", default="comm_results.json")
     parser.add_argument(
-        "--only", default=None, help="T1 settings to run, labels separated by |"
+        "--only", default=None, help="digits-ae settings to run, labels separated by |"
     )
     args = parser.parse_args(argv)
     mirrored = strategy()

@@ -1,9 +1,9 @@
-"""CR-PSGD growing batches against a fixed batch on T1, at equal samples.
+"""CR-PSGD growing batches against a fixed batch on digits-ae, at equal samples.
 
     python tools/growing_batch_benchmark.py
     python tools/growing_batch_benchmark.py --budget 64000 --growth 1.05
 
-Trains T1 (the digits autoencoder) under a MirroredStrategy over
+Trains digits-ae (the digits autoencoder) under a MirroredStrategy over
 `--replicas` logical CPUs with `tfso.distributed(Adam(lr))`:
 
 - fixed: batches of `--batch-size` until `--budget` examples;

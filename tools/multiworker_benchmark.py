@@ -60,7 +60,7 @@ def worker(args):
     from sklearn.datasets import load_digits
 
     import tf_secondorder as tfso
-    from tf_secondorder.distribute._keras_hooks import worker_index
+    from tf_secondorder.compat.trainer import worker_index
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     index = worker_index(strategy)

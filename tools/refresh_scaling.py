@@ -1,4 +1,4 @@
-"""Time of one root refresh vs the number of replicas (SPEC §3.4).
+"""Time of one root refresh vs the number of replicas.
 
     python tools/refresh_scaling.py [--replicas 1,2,4] [--task digits-ae]
         [--block-size 1024] [--optimizer shampoo|soap] [--repeats 5]

@@ -1,4 +1,4 @@
-"""Independent NumPy references of the compressors (SPEC §4.1).
+"""Independent NumPy references of the compressors.
 
 Stochastic ones take the uniform draws u explicitly, so the TF result can be
 compared exactly for the same draws.
@@ -16,6 +16,16 @@ def sign(x):
 
 def scaled_sign(x):
     return np.float32(np.mean(np.abs(x))) * sign(x)
+
+
+def bucket_scaled_sign(x, bucket_size):
+    """Scaled sign with one mean |x| per bucket of `bucket_size` elements."""
+    flat = x.reshape(-1).astype(np.float64)
+    out = np.empty_like(flat)
+    for start in range(0, flat.size, bucket_size):
+        part = flat[start : start + bucket_size]
+        out[start : start + bucket_size] = np.mean(np.abs(part)) * sign(part)
+    return out.reshape(x.shape).astype(np.float32)
 
 
 def fp16(x):

@@ -1,14 +1,23 @@
 """Training script for the multi-worker tests (run by `tf-secondorder launch`).
 
-    python multi_worker_train.py --strategy multi_worker --out DIR \
-        --configs shampoo,adam+qsgd [--backup DIR] [--kill WORKER,EPOCH,BATCH]
+    python multi_worker_train.py --out DIR --configs shampoo,adam+qsgd \
+        [--backup DIR] [--kill-config CONFIG --kill WORKER,EPOCH,BATCH \
+         --killed-out DIR --killed-backup DIR]
 
-Trains one small regression model per config on the same data and writes
-`DIR/<config>-worker<i>.npz`: the model weights (`w0`, `w1`, ...), the
-optimizer variables (`o0`, ...; per-replica ones as [local replicas, ...])
-and the loss history. `--strategy mirrored` runs the same on 2 logical CPUs
-of one process, for comparison. `--kill` makes that worker SIGKILL itself
-before that batch on the first attempt (`TFSO_RESTART=0`).
+(with the repository root on PYTHONPATH). Trains one small regression model
+per config on the same data under MultiWorkerMirroredStrategy and writes
+`DIR/<config>-worker<i>.npz` (see `state_arrays`), then the hook counts of
+those runs to `DIR/hooks-worker<i>.json`.
+
+With `--kill-config`, it then trains that config once more from scratch into
+`--killed-out`, backed up by `tfso.callbacks.BackupAndRestore`; on the first
+attempt (`TFSO_RESTART=0`) worker WORKER SIGKILLs itself before batch BATCH
+of epoch EPOCH. The launcher restarts both workers; a restarted attempt skips
+the configs every worker has finished and resumes the killed run from its
+backup. One launch so serves the plain runs and the restart test.
+
+`train_config` and `state_arrays` are also used in the test process (2
+logical CPUs under MirroredStrategy, or no strategy in float64).
 """
 
 import argparse
@@ -23,14 +32,19 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_secondorder as tfso  # noqa: E402
-from tf_secondorder.distribute._keras_hooks import (  # noqa: E402
-    HOOK_CALLS,
-    ReplicaLocalVariable,
-    worker_index,
+from tests.helpers import (  # noqa: E402
+    apply_test_thread_setting,
+    shampoo_factor_pairs,
 )
 
 GLOBAL_BATCH = 32
 EXAMPLES = 256
+BLOCK_SIZE = 8
+EPSILON = 1e-4
+# Shampoo refreshes at steps 3, 6, ...: steps 1-2 are the same ops with split
+# and unsplit roots; 8 steps per epoch, so 24 (a refresh) ends the run.
+FIRST_REFRESH = 3
+EPOCHS = 3
 
 
 def make_optimizer(config):
@@ -40,23 +54,42 @@ def make_optimizer(config):
         return tfso.Shampoo(
             distribute_roots=name == "shampoo",
             learning_rate=1e-2,
-            precondition_frequency=3,
-            block_size=8,
-            epsilon=1e-4,
+            precondition_frequency=FIRST_REFRESH,
+            block_size=BLOCK_SIZE,
+            epsilon=EPSILON,
             **options,
         )
     if name == "adam":
         return tfso.distributed(keras.optimizers.Adam(1e-2), **options)
-    if name == "signsgd":
-        return tfso.SignSGD(learning_rate=1e-3, momentum=0.9)
     raise ValueError(f"unknown config {config!r}")
 
 
-def dataset():
+def dataset(dtype="float32"):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(EXAMPLES, 8)).astype("float32")
     y = np.tanh(x @ rng.normal(size=(8, 3))).astype("float32")
+    # A float64 run sees the same numbers, widened exactly.
+    x, y = x.astype(dtype), y.astype(dtype)
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+
+
+def make_model(dtype="float32"):
+    def build(dtype):
+        return keras.Sequential(
+            [
+                keras.Input((8,), dtype=dtype),
+                keras.layers.Dense(16, activation="tanh", dtype=dtype),
+                keras.layers.Dense(3, dtype=dtype),
+            ]
+        )
+
+    keras.utils.set_random_seed(1)
+    model = build("float32")
+    if dtype != "float32":
+        weights = model.get_weights()
+        model = build(dtype)
+        model.set_weights([w.astype(dtype) for w in weights])
+    return model
 
 
 class KillAt(keras.callbacks.Callback):
@@ -73,68 +106,142 @@ class KillAt(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _is_per_replica(variable):
+    """Per-replica optimizer state (e.g. error-feedback memories) has one
+    value per replica, read with `replica_values()`."""
+    return hasattr(variable, "replica_values")
+
+
+def _values(variables):
+    return {
+        f"o{i}": (
+            np.asarray(v.replica_values())
+            if _is_per_replica(v)
+            else np.asarray(v.numpy())
+        )
+        for i, v in enumerate(variables)
+    }
+
+
 def state_arrays(model):
+    """`w<i>` the weights, `o<i>` the optimizer variables (per-replica ones as
+    [local replicas, ...], listed in `per_replica`), `paths` their paths and,
+    for Shampoo, `factors` the (statistics, root, p) triples as indices."""
+    optimizer = model.optimizer
     arrays = {f"w{i}": np.asarray(w.numpy()) for i, w in enumerate(model.weights)}
-    for i, v in enumerate(model.optimizer.variables):
-        if isinstance(v, ReplicaLocalVariable):
-            arrays[f"o{i}"] = v.replica_values()
-        else:
-            arrays[f"o{i}"] = np.asarray(v.numpy())
+    arrays.update(_values(optimizer.variables))
+    arrays["paths"] = np.array([v.path for v in optimizer.variables])
+    arrays["per_replica"] = np.array(
+        [f"o{i}" for i, v in enumerate(optimizer.variables) if _is_per_replica(v)]
+        or [""]
+    )
+    if isinstance(optimizer, tfso.Shampoo):
+        index = {v.path: i for i, v in enumerate(optimizer.variables)}
+        arrays["factors"] = np.array(
+            [
+                (index[s.path], index[r.path], p)
+                for s, r, p in shampoo_factor_pairs(model, optimizer, BLOCK_SIZE)
+            ]
+        )
     return arrays
+
+
+class FirstRefresh(keras.callbacks.Callback):
+    """Keeps the optimizer variables right after step FIRST_REFRESH."""
+
+    def __init__(self):
+        super().__init__()
+        self.arrays = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        optimizer = self.model.optimizer
+        if int(optimizer.iterations.numpy()) == FIRST_REFRESH:
+            values = _values(optimizer.variables)
+            self.arrays = {f"first/{k}": v for k, v in values.items()}
+
+
+def train_config(strategy, config, epochs=EPOCHS, callbacks=(), dtype="float32"):
+    """(state_arrays of the trained model, with `loss` and `first/o<i>`)."""
+    scope = strategy.scope() if strategy is not None else _NoScope()
+    with scope:
+        model = make_model(dtype)
+        model.compile(optimizer=make_optimizer(config), loss="mse")
+    first = FirstRefresh()
+    history = model.fit(
+        dataset(dtype),
+        epochs=epochs,
+        verbose=2 if strategy is not None else 0,
+        callbacks=list(callbacks) + [first],
+    )
+    arrays = state_arrays(model)
+    arrays.update(first.arrays)
+    arrays["loss"] = np.asarray(history.history["loss"])
+    return arrays
+
+
+class _NoScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _worker_index(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(getattr(resolver, "task_id", 0) or 0)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", default="multi_worker")
     parser.add_argument("--configs", default="shampoo")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--backup", default=None)
+    parser.add_argument("--kill-config", default=None)
     parser.add_argument("--kill", default=None)
+    parser.add_argument("--killed-out", default=None)
+    parser.add_argument("--killed-backup", default=None)
     args = parser.parse_args()
 
-    if args.strategy == "mirrored":
-        cpu = tf.config.list_physical_devices("CPU")[0]
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-        )
-        strategy = tf.distribute.MirroredStrategy(
-            [d.name for d in tf.config.list_logical_devices("CPU")]
-        )
-    else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    index = worker_index(strategy)
+    apply_test_thread_setting()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    index = _worker_index(strategy)
+    workers = int(os.environ.get("TFSO_NUM_WORKERS", "1"))
     attempt = int(os.environ.get("TFSO_RESTART", "0"))
     print(f"replicas={strategy.num_replicas_in_sync} attempt={attempt}", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    for config in args.configs.split(","):
-        with strategy.scope():
-            keras.utils.set_random_seed(1)
-            model = keras.Sequential(
-                [
-                    keras.Input((8,)),
-                    keras.layers.Dense(16, activation="tanh"),
-                    keras.layers.Dense(3),
-                ]
-            )
-            model.compile(optimizer=make_optimizer(config), loss="mse")
-        callbacks = []
-        if args.backup:
-            callbacks.append(
-                tfso.callbacks.BackupAndRestore(os.path.join(args.backup, config))
-            )
-        if args.kill and attempt == 0:
-            worker, epoch, batch = map(int, args.kill.split(","))
-            if worker == index:
-                callbacks.append(KillAt(epoch, batch))
-        history = model.fit(
-            dataset(), epochs=args.epochs, verbose=2, callbacks=callbacks
-        )
-        arrays = state_arrays(model)
-        arrays["loss"] = np.asarray(history.history["loss"])
-        np.savez(os.path.join(args.out, f"{config}-worker{index}.npz"), **arrays)
-    with open(os.path.join(args.out, f"hooks-worker{index}.json"), "w") as f:
-        json.dump(dict(HOOK_CALLS), f)
+    hooks = [os.path.join(args.out, f"hooks-worker{i}.json") for i in range(workers)]
+    # Every worker sees the same files, so all skip or none does.
+    if not all(os.path.exists(path) for path in hooks):
+        from tf_secondorder.compat import testing
+
+        with testing.count_hook_calls() as calls:
+            for config in args.configs.split(","):
+                callbacks = []
+                if args.backup:
+                    callbacks.append(
+                        tfso.callbacks.BackupAndRestore(
+                            os.path.join(args.backup, config)
+                        )
+                    )
+                arrays = train_config(strategy, config, callbacks=callbacks)
+                np.savez(
+                    os.path.join(args.out, f"{config}-worker{index}.npz"), **arrays
+                )
+        with open(hooks[index], "w") as f:
+            json.dump(dict(calls), f)
+        print("plain configs done", flush=True)
+    if args.kill_config:
+        config = args.kill_config
+        os.makedirs(args.killed_out, exist_ok=True)
+        callbacks = [
+            tfso.callbacks.BackupAndRestore(os.path.join(args.killed_backup, config))
+        ]
+        worker, epoch, batch = map(int, args.kill.split(","))
+        if attempt == 0 and worker == index:
+            callbacks.append(KillAt(epoch, batch))
+        arrays = train_config(strategy, config, callbacks=callbacks)
+        np.savez(os.path.join(args.killed_out, f"{config}-worker{index}.npz"), **arrays)
     print("finished", flush=True)
 
 

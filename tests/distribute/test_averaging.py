@@ -1,4 +1,4 @@
-"""Local SGD (`average_every`, SPEC §4.5) under MirroredStrategy in model.fit."""
+"""Local SGD (`average_every`) under MirroredStrategy in model.fit."""
 
 import keras
 import numpy as np
@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import mlp, regression_data, replica_values, weights_of
-from tf_secondorder.distribute import _keras_hooks
+from tf_secondorder.compat import testing
 
 
 def linear(seed=0):
@@ -210,7 +210,7 @@ def test_resume_after_save_equals_uninterrupted_run(mirrored, tmp_path):
     first.save(tmp_path / "first.keras")
     with mirrored.scope():
         resumed = keras.saving.load_model(tmp_path / "first.keras")
-    assert resumed.optimizer.average_every == 3
+    assert resumed.optimizer.communication.average_every == 3
     fit(resumed, 1)
     for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -259,16 +259,16 @@ def test_shampoo_replicas_refresh_from_their_own_statistics(mirrored):
 
 def test_callback_hook_is_called_by_fit_evaluate_and_predict(mirrored):
     """`fit`, `evaluate` and `predict` must get SyncReplicas automatically
-    (the CallbackList wrapper in _keras_hooks)."""
+    (the CallbackList wrapper in compat.keras_patches)."""
     x, y = regression_data()
     with mirrored.scope():
         net = linear()
         net.compile(optimizer=sgd(average_every=2)(), loss="mse")
-    before = _keras_hooks.HOOK_CALLS["callbacks"]
-    net.fit(x[:32], y[:32], batch_size=16, verbose=0)
-    net.evaluate(x[:16], y[:16], verbose=0)
-    net.predict(x[:16], verbose=0)
-    assert _keras_hooks.HOOK_CALLS["callbacks"] == before + 3
+    with testing.count_hook_calls() as calls:
+        net.fit(x[:32], y[:32], batch_size=16, verbose=0)
+        net.evaluate(x[:16], y[:16], verbose=0)
+        net.predict(x[:16], verbose=0)
+    assert calls["callbacks"] == 3
     lists = keras.callbacks.CallbackList([], model=net)
     assert isinstance(lists.callbacks[0], tfso.callbacks.SyncReplicas)
     plain = linear()
@@ -279,10 +279,13 @@ def test_callback_hook_is_called_by_fit_evaluate_and_predict(mirrored):
 def test_config_round_trip():
     optimizer = tfso.Shampoo(average_every=8, average_warmup_steps=100)
     clone = tfso.Shampoo.from_config(optimizer.get_config())
-    assert (clone.average_every, clone.average_warmup_steps) == (8, 100)
+    assert (
+        clone.communication.average_every,
+        clone.communication.average_warmup_steps,
+    ) == (8, 100)
     wrapped = tfso.distributed("adam", average_every=4)
     again = type(wrapped).from_config(wrapped.get_config())
-    assert again.average_every == 4
+    assert again.communication.average_every == 4
 
 
 def test_single_device_trains_as_usual():
@@ -322,3 +325,61 @@ def test_distribute_roots_true_with_local_sgd_is_rejected():
         tfso.Shampoo(average_every=4, distribute_roots=True)
     with pytest.raises(ValueError, match="distribute_roots"):
         tfso.SOAP(average_every=4, distribute_roots=True)
+
+
+def test_soap_keeps_a_basis_per_replica_and_averages_the_rest(mirrored):
+    """An average of two eigenbases is no basis: each replica keeps its own
+    (and the second moment kept in it); weights, first moments and
+    statistics are averaged, and the next refresh starts from those."""
+    x, y = regression_data()
+    with mirrored.scope():
+        net = mlp()
+        opt = tfso.SOAP(0.01, block_size=8, precondition_frequency=2, average_every=3)
+        net.compile(optimizer=opt, loss="mse")
+    # 6 steps: refreshes at 1, 3, 5; averages after steps 3 and 6.
+    net.fit(x[:96], y[:96], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    u = 2.0**-24
+    bases = [v for v in opt.variables if "_basis_" in v.path]
+    assert bases
+    differ = False
+    for basis in bases:
+        per_replica = replica_values(basis)
+        for q in per_replica:
+            n = q.shape[0]
+            # QR / eigh give orthonormal columns to a few n·u.
+            np.testing.assert_allclose(q.T @ q, np.eye(n), atol=10 * n * u)
+        differ |= np.abs(per_replica[0] - per_replica[1]).max() > 0
+    assert differ  # not averaged
+    for variable in list(net.weights) + [
+        v
+        for v in opt.variables
+        if "statistics" in v.path or v.path.endswith("momentum")
+    ]:
+        a, b = replica_values(variable)
+        np.testing.assert_array_equal(a, b, err_msg=variable.path)
+
+
+def test_bytes_per_step_are_zero_on_local_steps(mirrored):
+    x, y = regression_data()
+    with mirrored.scope():
+        net = linear()
+        opt = sgd(average_every=4)()
+        net.compile(optimizer=opt, loss="mse")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(
+            opt.communication_stats()["bytes_per_step"]
+        )
+    )
+    net.fit(
+        x[:96],
+        y[:96],
+        batch_size=16,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[record],
+    )
+    # kernel, bias and the momentum slots: 8·3 + 3 floats, twice.
+    averaged = 2 * 4 * (8 * 3 + 3)
+    assert seen == [0, 0, 0, averaged, 0, 0]

@@ -1,4 +1,4 @@
-"""Bidirectional compression with worker and server memories (SPEC §4.4)."""
+"""Bidirectional compression with worker and server memories."""
 
 import keras
 import numpy as np
@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import regression_data, replica_values, weights_of
-from tf_secondorder.distribute import _keras_hooks
+from tf_secondorder.compat import testing
 
 SHAPES = [(5,), (3, 2)]  # 11 elements: chunks of 6 cross the variables
 
@@ -16,7 +16,14 @@ def scaled_sign(v):
     return np.mean(np.abs(v)) * np.where(v < 0, -1.0, 1.0)
 
 
-def reference(gradients, lr, memory=True):
+def bfloat16(v):
+    """Round to nearest even bfloat16 (8 bits of mantissa), in NumPy."""
+    bits = np.asarray(v, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def reference(gradients, lr, memory=True, compress=scaled_sign):
     """NumPy: gradients[t][i] is replica i's flat gradient at step t."""
     n, d = len(gradients[0]), gradients[0][0].size
     length = -(-d // n)
@@ -27,14 +34,14 @@ def reference(gradients, lr, memory=True):
         codes = []
         for i, x in enumerate(step):
             p = np.pad(x + worker[i], (0, n * length - d)).reshape(n, length)
-            c = np.stack([scaled_sign(chunk) for chunk in p])
+            c = np.stack([compress(chunk) for chunk in p])
             codes.append(c)
             if memory:
                 worker[i] = (p - c).reshape(-1)[:d]
         replies = []
         for r in range(n):
             q = np.mean([codes[i][r] for i in range(n)], axis=0) + server[r]
-            z = scaled_sign(q)
+            z = compress(q)
             if memory:
                 server[r] = q - z
             replies.append(z)
@@ -42,12 +49,12 @@ def reference(gradients, lr, memory=True):
     return weights, worker, server
 
 
-def run(strategy, gradients, lr, **options):
+def run(strategy, gradients, lr, compression="scaled_sign", **options):
     with strategy.scope():
         variables = [keras.Variable(np.zeros(s, "float32")) for s in SHAPES]
         optimizer = tfso.distributed(
             keras.optimizers.SGD(lr),
-            compression="scaled_sign",
+            compression=compression,
             aggregation="bidirectional",
             **options,
         )
@@ -79,9 +86,9 @@ def run(strategy, gradients, lr, **options):
 def test_matches_numpy_reference_of_both_memories(mirrored, rng, memory):
     gradients = [[rng.normal(size=11) for _ in range(2)] for _ in range(5)]
     lr = 0.1
-    before = _keras_hooks.HOOK_CALLS["all_to_all"]
-    variables, optimizer = run(mirrored, gradients, lr, error_feedback=memory)
-    assert _keras_hooks.HOOK_CALLS["all_to_all"] > before  # the real collective
+    with testing.count_hook_calls() as calls:
+        variables, optimizer = run(mirrored, gradients, lr, error_feedback=memory)
+    assert calls["all_to_all"] > 0  # the real collective
     weights, worker, server = reference(gradients, lr, memory)
     got = np.concatenate([v.numpy().reshape(-1) for v in variables])
     np.testing.assert_allclose(got, weights, rtol=1e-5, atol=1e-6)
@@ -94,20 +101,34 @@ def test_matches_numpy_reference_of_both_memories(mirrored, rng, memory):
             for parts in zip(
                 *[
                     [r.reshape(-1) for r in m.replica_values()]
-                    for m in optimizer._error_memory
+                    for m in optimizer.communicator.aggregator.memories
                 ]
             )
         ]
         for i in range(2):
             np.testing.assert_allclose(memories[i], worker[i], rtol=1e-5, atol=1e-6)
-        servers = optimizer._server_memory.replica_values()
+        servers = optimizer.communicator.aggregator.inner.memory.replica_values()
         for r in range(2):
             np.testing.assert_allclose(servers[r], server[r], rtol=1e-5, atol=1e-6)
     else:
-        assert optimizer._server_memory is None
+        assert optimizer.communicator.aggregator.memory is None
     # the memories matter: the other variant lands elsewhere
     other, _, _ = reference(gradients, lr, not memory)
     assert np.abs(other - weights).max() > 1e-3
+
+
+def test_bfloat16_travels_bit_for_bit(mirrored, rng):
+    """bfloat16 wires cannot be all-gathered on CPU collectives; they travel as
+    int32 words. The result is the NumPy exchange with bfloat16 rounding
+    (float32 sums of two bfloat16 values: exact to float32's rounding)."""
+    gradients = [[rng.normal(size=11) for _ in range(2)] for _ in range(4)]
+    variables, optimizer = run(mirrored, gradients, 0.1, compression="bf16")
+    weights, _, _ = reference(gradients, 0.1, compress=bfloat16)
+    got = np.concatenate([v.numpy().reshape(-1) for v in variables])
+    np.testing.assert_allclose(got, weights, rtol=1e-5, atol=1e-6)
+    assert (
+        np.abs(weights - reference(gradients, 0.1, compress=lambda v: v)[0]).max() > 0
+    )
 
 
 def test_bytes_stay_linear_in_d(mirrored, rng):
@@ -115,10 +136,11 @@ def test_bytes_stay_linear_in_d(mirrored, rng):
     _, optimizer = run(mirrored, gradients, 0.1)
     stats = optimizer.communication_stats()
     # chunk of 6: one float + one int32 word; all_to_all of 2 chunks, then
-    # an all_gather of this replica's one chunk.
-    chunk = 8
-    assert stats["bytes_per_step"] == 2 * chunk + chunk
-    assert stats["bytes_received_per_step"] == 2 * chunk + 2 * chunk
+    # an all_gather of this replica's one chunk. The all_to_all, the step's
+    # first collective, also carries a "not finite" flag (an int32) per row.
+    chunk, flags = 8, 2 * 4
+    assert stats["bytes_per_step"] == 2 * chunk + flags + chunk
+    assert stats["bytes_received_per_step"] == 2 * chunk + flags + 2 * chunk
 
 
 def test_fit_resume_equals_uninterrupted(mirrored, tmp_path):
@@ -147,7 +169,7 @@ def test_fit_resume_equals_uninterrupted(mirrored, tmp_path):
     first.save(tmp_path / "bidirectional.keras")
     with mirrored.scope():
         resumed = keras.saving.load_model(tmp_path / "bidirectional.keras")
-    servers = resumed.optimizer._server_memory.replica_values()
+    servers = resumed.optimizer.communicator.aggregator.inner.memory.replica_values()
     assert np.abs(servers[0] - servers[1]).max() > 0  # per replica, restored
     fit(resumed, 1)
     for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):

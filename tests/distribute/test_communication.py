@@ -6,25 +6,25 @@ import pytest
 import tensorflow as tf
 
 import tf_secondorder as tfso
+from tests.distribute import compression_reference as ref
 from tests.helpers import mlp, regression_data, replica_values, weights_of
 
 C = tfso.compression
 
-# (compressor, largest accepted gap): the final loss may close at most this
-# fraction less of the initial-to-uncompressed loss gap than uncompressed
-# training does, after 80 steps of Adam(0.01) on the 2-replica MLP below.
-TRAINING_TOLERANCES = [
-    ("fp16", 0.01),
-    ("bf16", 0.02),
-    (C.ScaledSign(), 0.1),
-    (C.Sign(), 0.9),
-    ("qsgd", 0.02),
-    ("terngrad", 0.1),
-    ("natural", 0.05),
-    (C.Natural(levels=4), 0.1),
-    (C.TopK(ratio=0.25), 0.25),
-    (C.RandomK(ratio=0.25), 0.5),
-    (C.PowerSGD(rank=2), 0.1),
+# Every compressor, for the integration checks in model.fit.
+COMPRESSORS = [
+    "fp16",
+    "bf16",
+    C.ScaledSign(),
+    C.Sign(),
+    "qsgd",
+    "terngrad",
+    "natural",
+    C.Natural(levels=4),
+    C.TopK(ratio=0.25),
+    C.RandomK(ratio=0.25),
+    C.PowerSGD(rank=2),
+    "int8",
 ]
 
 
@@ -48,32 +48,120 @@ def _fit(strategy, optimizer_fn, epochs=10, x=None, y=None, callbacks=()):
     return model, optimizer, initial, history
 
 
-@pytest.fixture(scope="module")
-def uncompressed(mirrored):
-    _, _, initial, history = _fit(mirrored, lambda: keras.optimizers.Adam(0.01))
-    return initial, history.history["loss"][-1]
-
-
-@pytest.mark.parametrize(
-    "compression, tolerance", TRAINING_TOLERANCES, ids=lambda c: repr(c)
-)
-def test_every_compressor_trains_close_to_uncompressed(
-    mirrored, uncompressed, compression, tolerance
-):
-    initial, reference = uncompressed
-    model, optimizer, _, history = _fit(
+@pytest.mark.parametrize("compression", COMPRESSORS, ids=lambda c: repr(c))
+def test_every_compressor_trains_in_fit(mirrored, compression):
+    """The wiring in model.fit: every compressor lowers the loss, leaves the
+    replicas identical and counts its bytes. Whether a compressor's
+    algorithm is right is checked against NumPy below and in
+    test_compressors.py; how well each trains is a benchmark
+    (docs/benchmarks.md), not a test."""
+    model, optimizer, initial, history = _fit(
         mirrored,
-        lambda: tfso.distributed(keras.optimizers.Adam(0.01), compression=compression),
+        lambda: tfso.distributed(keras.optimizers.SGD(0.05), compression=compression),
+        epochs=2,
     )
-    final = history.history["loss"][-1]
-    gap = (final - reference) / (initial - reference)
-    assert gap <= tolerance, (
-        f"{compression}: loss {final:.4f} vs {reference:.4f} (gap {gap:.3f})"
-    )
+    assert history.history["loss"][-1] < initial
     for weight in model.weights:
         first, second = replica_values(weight)
         np.testing.assert_array_equal(first, second)
-    assert optimizer.communication_stats()["bytes_per_step"] > 0
+    stats = optimizer.communication_stats()
+    assert 0 < stats["bytes_per_step"] < stats["float32_bytes_per_step"]
+
+
+def _run_on_replicas(strategy, optimizer_fn, shapes, gradients):
+    """gradients[t][r]: replica r's flat gradient at step t (what it computed;
+    Keras hands the optimizer g/N)."""
+    with strategy.scope():
+        variables = [keras.Variable(np.zeros(s, "float32")) for s in shapes]
+        optimizer = optimizer_fn()
+        optimizer.build(variables)
+    n = strategy.num_replicas_in_sync
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    @tf.function
+    def step(per_replica):
+        def replica_step(flat):
+            parts = tf.split(flat / n, sizes)
+            grads = [tf.reshape(p, s) for p, s in zip(parts, shapes)]
+            optimizer.apply_gradients(zip(grads, variables))
+
+        strategy.run(replica_step, args=(per_replica,))
+
+    for values in gradients:
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda context, values=values: tf.constant(
+                values[context.replica_id_in_sync_group], tf.float32
+            )
+        )
+        step(per_replica)
+    return variables, optimizer
+
+
+EF_SHAPES = [(40,), (8, 8)]
+
+
+@pytest.mark.parametrize(
+    "compression, reference",
+    [
+        (C.Sign(), ref.sign),
+        (C.ScaledSign(), ref.scaled_sign),
+        (C.ScaledSign(bucket_size=32), lambda x: ref.bucket_scaled_sign(x, 32)),
+        (C.TopK(0.25), lambda x: ref.topk(x, 0.25)),
+        (C.Float16(), ref.fp16),
+    ],
+    ids=["sign", "scaled_sign", "block_sign", "topk", "fp16"],
+)
+def test_error_feedback_matches_numpy_on_two_replicas(mirrored, compression, reference):
+    """p_i = g_i + e_i, c_i = C(p_i), e_i ← p_i − c_i per replica and tensor;
+    SGD on the mean of the c_i, over 6 steps. A memory that is not per
+    replica, not per tensor, not kept or kept wrong lands elsewhere."""
+    rng = np.random.default_rng(1)
+    sizes = [int(np.prod(s)) for s in EF_SHAPES]
+    gradients = [[rng.normal(size=sum(sizes)) for _ in range(2)] for _ in range(6)]
+    lr = 0.1
+    variables, optimizer = _run_on_replicas(
+        mirrored,
+        lambda: tfso.distributed(
+            keras.optimizers.SGD(lr), compression=compression, error_feedback=True
+        ),
+        EF_SHAPES,
+        gradients,
+    )
+    memories = [np.zeros(sum(sizes)) for _ in range(2)]
+    weights = np.zeros(sum(sizes))
+    for step in gradients:
+        sent = []
+        for r, g in enumerate(step):
+            p = (g + memories[r]).astype(np.float32)
+            parts = np.split(p, np.cumsum(sizes)[:-1])
+            c = np.concatenate(
+                [
+                    reference(part.reshape(s)).reshape(-1)
+                    for part, s in zip(parts, EF_SHAPES)
+                ]
+            )
+            memories[r] = p - c
+            sent.append(c)
+        if compression.summable:
+            # float16 wires are summed in float16 by the all-reduce.
+            weights -= lr * ref.fp16(sent[0] + sent[1]) / 2
+        else:
+            weights -= lr * np.mean(sent, axis=0)
+    got = np.concatenate([v.numpy().reshape(-1) for v in variables])
+    np.testing.assert_allclose(got, weights, rtol=1e-5, atol=1e-6)
+    stored = [
+        np.concatenate(parts)
+        for parts in zip(
+            *[
+                [r.reshape(-1) for r in m.replica_values()]
+                for m in optimizer.communicator.aggregator.memories
+            ]
+        )
+    ]
+    for r in range(2):
+        np.testing.assert_allclose(stored[r], memories[r], rtol=1e-5, atol=1e-6)
+    # Per replica: the memories differ (for fp16 by rounding errors only).
+    assert np.abs(memories[0] - memories[1]).max() > 1e-4
 
 
 # With one replica the path is the same for every compressor; these three
@@ -105,7 +193,7 @@ def test_shampoo_compresses_and_replicas_stay_identical(mirrored):
         values = replica_values(weight)
         if "error_feedback" not in weight.path:
             np.testing.assert_array_equal(values[0], values[-1])
-    assert not optimizer.uses_error_feedback  # qsgd is unbiased
+    assert not optimizer.communication.uses_error_feedback  # qsgd is unbiased
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Lion", "Muon"])
@@ -115,10 +203,10 @@ def test_keras_optimizers_train_through_distributed(mirrored, name):
     model, optimizer, initial, history = _fit(
         mirrored,
         lambda: tfso.distributed(make(learning_rate=rate), compression="natural"),
-        epochs=5,
+        epochs=2,
     )
     assert isinstance(optimizer, make)
-    assert history.history["loss"][-1] < 0.7 * initial
+    assert history.history["loss"][-1] < 0.9 * initial
     first, second = replica_values(model.weights[0])
     np.testing.assert_array_equal(first, second)
 
@@ -133,8 +221,11 @@ def test_bytes_per_step_are_the_wire_tensors(mirrored, compression):
         epochs=1,
         callbacks=[tfso.callbacks.CommunicationStats()],
     )
-    compressor = optimizer.compression
-    expected = sum(
+    compressor = optimizer.communication.compression
+    # The wires, and one element of the step's first buffer (int32 words of a
+    # gather, float32 of an all-reduce here): each replica's "not finite" flag.
+    flag_bytes = 4
+    expected = flag_bytes + sum(
         compressor.wire_bytes(tuple(v.shape)) for v in optimizer._trainable_variables
     )
     stats = optimizer.communication_stats()
@@ -146,10 +237,23 @@ def test_bytes_per_step_are_the_wire_tensors(mirrored, compression):
     assert history.history["comm_rounds"] == [8 * rounds_per_step]
 
 
-def test_sign_majority_vote_is_at_most_a_thirtysecond_of_float32(mirrored):
-    _, optimizer, _, _ = _fit(mirrored, lambda: tfso.SignSGD(1e-3), epochs=1)
+def test_sign_majority_vote_is_at_most_a_thirtieth_of_float32(mirrored):
+    """One bit per element, no allowance: sizes of whole int32 words, so the
+    only overhead is the finite flag (4 bytes) and one word of the 10 biases."""
+    x = np.random.default_rng(0).normal(size=(64, 64)).astype("float32")
+    y = np.zeros((64,), "int32")
+    with mirrored.scope():
+        model = keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(10)]
+        )
+        optimizer = tfso.SignSGD(1e-3)
+        model.compile(
+            optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(True)
+        )
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
     stats = optimizer.communication_stats()
-    assert stats["bytes_per_step"] * 30 <= stats["float32_bytes_per_step"] + 30 * 4 * 4
+    assert stats["bytes_per_step"] * 30 <= stats["float32_bytes_per_step"]
+    assert stats["bytes_per_step"] == (64 * 256 + 256 + 256 * 10) // 8 + 4 + 4
 
 
 def _apply_on_replicas(strategy, optimizer, variable, gradient_fn, steps=1):
@@ -277,7 +381,7 @@ def test_error_feedback_memory_is_per_replica_and_survives_keras_save(
     x, y = _distinct_replica_data()
     model, optimizer, _, _ = _fit(mirrored, _ef_optimizer, epochs=2, x=x, y=y)
     memories = _memories(optimizer)
-    assert optimizer.uses_error_feedback and len(memories) == 4
+    assert optimizer.communication.uses_error_feedback and len(memories) == 4
     stacked = memories[0].replica_values()
     assert stacked.shape == (2, 8, 16) and not np.allclose(stacked[0], stacked[1])
     path = str(tmp_path / "model.keras")
@@ -285,7 +389,7 @@ def test_error_feedback_memory_is_per_replica_and_survives_keras_save(
     with mirrored.scope():
         loaded = keras.models.load_model(path)
     assert type(loaded.optimizer).__name__ == "DistributedSGD"
-    assert loaded.optimizer.compression.ratio == 0.2
+    assert loaded.optimizer.communication.compression.ratio == 0.2
     np.testing.assert_array_equal(
         _memories(loaded.optimizer)[0].replica_values(), stacked
     )
@@ -337,13 +441,15 @@ def test_config_round_trips_and_resolves_by_registered_name():
     assert type(clone) is type(optimizer) and isinstance(clone, keras.optimizers.Adam)
     assert (
         clone.beta_1 == 0.8
-        and clone.compression.bits == 4
-        and clone.error_feedback is True
+        and clone.communication.compression.bits == 4
+        and clone.communication.error_feedback is True
     )
     by_name = keras.optimizers.get("tf_secondorder>DistributedLion")
     assert isinstance(by_name, keras.optimizers.Lion)
     signsgd = tfso.SignSGD.from_config(tfso.SignSGD(momentum=0.5).get_config())
-    assert signsgd.aggregation == "majority_vote" and signsgd.momentum == 0.5
+    assert (
+        signsgd.communication.aggregation == "majority_vote" and signsgd.momentum == 0.5
+    )
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from tf_secondorder.linalg import greedy_partition, root_cost
+from tf_secondorder.distribute.sharding import greedy_partition, root_cost
 
 
 def test_every_item_assigned_once_largest_first_to_least_loaded():

@@ -55,7 +55,11 @@ class NumpyShampoo:
         exponent_override=None,
         max_preconditioned_dim=None,
         weight_decay=None,
+        root_fn=None,
     ):
+        # root_fn(param index, (block, axis), statistic, p, epsilon) -> root
+        # replaces `reference_root`, e.g. to continue from another run's roots.
+        self.root_fn = root_fn or (lambda i, key, s, p, eps: reference_root(s, p, eps))
         self.lr = learning_rate
         self.b1, self.b2, self.eps = beta1, beta2, epsilon
         self.freq = precondition_frequency
@@ -67,7 +71,6 @@ class NumpyShampoo:
         self.params = []
         for shape in shapes:
             merged = reference_merged_shape(shape, block_size)
-            order = len(merged)
             axes = [
                 a
                 for a, n in enumerate(merged)
@@ -85,7 +88,9 @@ class NumpyShampoo:
                     shape=tuple(shape),
                     merged=merged,
                     blocks=blocks,
-                    p=exponent_override or 2 * order,
+                    # scalable_shampoo's exponent_for_preconditioner: 2 per
+                    # preconditioned axis (an axis left out does not count).
+                    p=exponent_override or 2 * len(axes),
                     stats=stats,
                     roots=roots,
                     acc=np.zeros(shape),
@@ -114,9 +119,9 @@ class NumpyShampoo:
                     s + gram if self.b2 == 1 else self.b2 * s + (1 - self.b2) * gram
                 )
         if t >= self.start and (t - self.start) % self.freq == 0:
-            for st in self.params:
+            for i, st in enumerate(self.params):
                 for key, s in st["stats"].items():
-                    st["roots"][key] = reference_root(s, st["p"], self.eps)
+                    st["roots"][key] = self.root_fn(i, key, s, st["p"], self.eps)
         out = []
         lr = self._lr()
         for st, w, g, ok in zip(self.params, weights, grads, finite):

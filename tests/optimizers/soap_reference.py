@@ -1,4 +1,4 @@
-"""A plain NumPy SOAP, written from SPEC §3.2 and Vyas et al. (2024).
+"""A plain NumPy SOAP, written from Vyas et al. (2024) and their code.
 
 Loops over explicit block slices and axes with np.tensordot/np.moveaxis and
 uses NumPy's eigh/QR, sharing no code with the package.
@@ -80,6 +80,11 @@ class NumpySOAP:
         return out
 
     def _refresh(self, st, first):
+        if first and st["stats"]:
+            # The authors' code starts both moments (and the step count of
+            # their bias corrections) with the first eigenbasis.
+            st["v"] = np.zeros_like(st["v"])
+            st["m"] = np.zeros_like(st["m"])
         for (b, a), s in st["stats"].items():
             if first:
                 lam, q = np.linalg.eigh(s)
@@ -119,6 +124,7 @@ class NumpySOAP:
                 np.sqrt(st["v"]) + self.eps
             )
             direction = self._rotate(st, normalized, back=True).reshape(st["shape"])
-            step = lr * np.sqrt(1 - self.b2**t) / (1 - self.b1**t)
+            t_own = t - self.start + 1 if st["stats"] and t >= self.start else t
+            step = lr * np.sqrt(1 - self.b2**t_own) / (1 - self.b1**t_own)
             out.append(w - step * direction)
         return out

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import (
+    FLOAT32_UNIT_ROUNDOFF,
     fit,
     mlp,
     optimizer_state,
@@ -140,8 +141,15 @@ def test_mirrored_fit_split_equals_unsplit_and_single_device(mirrored):
             a, b = replica_values(variable)
             np.testing.assert_array_equal(a, b, err_msg=variable.path)
         runs[split] = weights_of(model) + optimizer_state(opt)
+        steps = int(opt.iterations.numpy())
+    # Split and unsplit refreshes run the same float32 arithmetic, but the
+    # batched eigh/QR/matmul kernels see different batches, which may change
+    # their rounding: a refreshed basis of side n may differ by ~n·u (u =
+    # 2^-24). A basis off by an angle δ changes a step's update by ~δ
+    # relative; over the run's steps these add up to at most steps·n·u.
+    drift = steps * SMALL["block_size"] * FLOAT32_UNIT_ROUNDOFF
     for a, b in zip(runs[True], runs[False]):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=drift, atol=drift * np.abs(b).max())
     single = mlp()
     fit(single, tfso.SOAP(**SMALL), epochs=6, batch_size=32)
     for a, b in zip(runs[True], weights_of(single)):

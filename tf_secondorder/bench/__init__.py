@@ -1,1 +1,1 @@
-"""Benchmarks behind `tf-secondorder bench` (tasks of shared BENCHMARKS.md)."""
+"""Benchmarks behind `tf-secondorder bench`: tasks, the runner, TFDS builders."""

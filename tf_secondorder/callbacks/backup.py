@@ -7,7 +7,8 @@ import shutil
 
 import keras
 
-from tf_secondorder.distribute import _keras_hooks
+from tf_secondorder import validation
+from tf_secondorder.compat import trainer
 
 _BACKUP = re.compile(r"^backup-(\d+)$")
 
@@ -46,17 +47,13 @@ class BackupAndRestore(keras.callbacks.Callback):
     def __init__(self, backup_dir, save_freq="epoch", delete_checkpoint=True):
         super().__init__()
         if not backup_dir:
-            raise ValueError(
-                "`backup_dir` must be a directory path; got an empty value"
-            )
+            validation.fail("backup_dir", "a directory path", backup_dir)
         if save_freq != "epoch" and not (
             isinstance(save_freq, int)
             and not isinstance(save_freq, bool)
             and save_freq >= 1
         ):
-            raise ValueError(
-                f'`save_freq` must be "epoch" or an integer >= 1; got {save_freq!r}'
-            )
+            validation.fail("save_freq", '"epoch" or an integer >= 1', save_freq)
         self.backup_dir = os.fspath(backup_dir)
         self.save_freq = save_freq
         self.delete_checkpoint = delete_checkpoint
@@ -67,9 +64,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     @property
     def worker_dir(self):
         strategy = self.model.distribute_strategy
-        return os.path.join(
-            self.backup_dir, f"worker-{_keras_hooks.worker_index(strategy)}"
-        )
+        return os.path.join(self.backup_dir, f"worker-{trainer.worker_index(strategy)}")
 
     def latest_backup(self):
         """Path of the newest complete backup of this worker, or None."""
@@ -101,7 +96,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             metadata = json.load(f)
         self._epoch = metadata["epoch"]
         self._backups = int(_BACKUP.match(os.path.basename(latest)).group(1))
-        _keras_hooks.set_initial_epoch(self.model, metadata["epoch"])
+        trainer.set_initial_epoch(self.model, metadata["epoch"])
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch

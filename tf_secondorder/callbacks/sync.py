@@ -4,6 +4,8 @@ import numbers
 
 import keras
 
+from tf_secondorder import validation
+
 
 def _optimizer(model):
     optimizer = getattr(model, "optimizer", None)
@@ -11,7 +13,8 @@ def _optimizer(model):
 
 
 def _averages(model):
-    return getattr(_optimizer(model), "average_every", None) is not None
+    communication = getattr(_optimizer(model), "communication", None)
+    return bool(getattr(communication, "local_sgd", False))
 
 
 class SyncReplicas(keras.callbacks.Callback):
@@ -33,7 +36,11 @@ class SyncReplicas(keras.callbacks.Callback):
 
     def __init__(self, save_every=()):
         super().__init__()
-        self.save_every = tuple(int(f) for f in save_every)
+        if isinstance(save_every, (str, bytes)) or not hasattr(save_every, "__iter__"):
+            validation.fail("save_every", "a sequence of integers >= 1", save_every)
+        self.save_every = tuple(
+            validation.integer("save_every", f, 1) for f in save_every
+        )
         self._batches = 0
 
     def _sync(self):
@@ -60,7 +67,8 @@ class SyncReplicas(keras.callbacks.Callback):
 
 
 def automatic_callbacks(model, callbacks):
-    """The callbacks Keras's CallbackList gets for `model` (see _keras_hooks)."""
+    """The callbacks every fit/evaluate/predict of `model` gets (installed by
+    `compat.keras_patches.install_callback_injection` under local SGD)."""
     if not _averages(model) or any(isinstance(c, SyncReplicas) for c in callbacks):
         return []
     frequencies = [

@@ -1,4 +1,4 @@
-"""Growing batch sizes (CR-PSGD, SPEC §4.6) and a micro-batched train step."""
+"""Growing batch sizes (CR-PSGD) and a micro-batched train step."""
 
 from tf_secondorder.data.growing import GrowingBatchSchedule, growing_batches
 from tf_secondorder.data.train_step import train_in_micro_batches

@@ -1,4 +1,4 @@
-"""Growing batch sizes: CR-PSGD (SPEC §4.6; Yu & Jin, ICML 2019).
+"""Growing batch sizes: CR-PSGD (Yu & Jin, ICML 2019).
 
 Batch t has ⌊ρ^t · B₁⌋ examples (capped at `max_batch_size`) until the
 sample budget T is spent; the last batch takes what is left, so the batches
@@ -10,23 +10,11 @@ Catalyst variant (see `train_step.py`).
 """
 
 import math
-import numbers
 
 import numpy as np
 import tensorflow as tf
 
-
-def _positive_int(name, value, minimum=1, optional=False):
-    if value is None and optional:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
-        accepted = f"an integer >= {minimum}" + (" or None" if optional else "")
-        raise ValueError(f"`{name}` must be {accepted}. Received: {name}={value!r}")
-    return int(value)
+from tf_secondorder import validation
 
 
 class GrowingBatchSchedule:
@@ -56,40 +44,18 @@ class GrowingBatchSchedule:
         stages=1,
         multiple_of=1,
     ):
-        self.initial_batch_size = _positive_int(
-            "initial_batch_size", initial_batch_size
+        self.initial_batch_size = validation.integer(
+            "initial_batch_size", initial_batch_size, 1
         )
-        if (
-            isinstance(growth_factor, bool)
-            or not isinstance(growth_factor, numbers.Real)
-            or not growth_factor > 1
-            or math.isinf(growth_factor)
-        ):
-            raise ValueError(
-                "`growth_factor` must be a finite number > 1 (ρ of CR-PSGD). "
-                f"Received: growth_factor={growth_factor!r}"
-            )
-        self.growth_factor = float(growth_factor)
-        self.sample_budget = _positive_int("sample_budget", sample_budget)
-        self.max_batch_size = _positive_int(
-            "max_batch_size", max_batch_size, optional=True
+        self.growth_factor = validation.number(
+            "growth_factor", growth_factor, 1.0, low_open=True
         )
-        if (
-            self.max_batch_size is not None
-            and self.max_batch_size < self.initial_batch_size
-        ):
-            raise ValueError(
-                "`max_batch_size` must be >= `initial_batch_size`. Received: "
-                f"max_batch_size={max_batch_size!r}, "
-                f"initial_batch_size={initial_batch_size!r}"
-            )
-        self.stages = _positive_int("stages", stages)
-        self.multiple_of = _positive_int("multiple_of", multiple_of)
-        if self.stages > self.sample_budget:
-            raise ValueError(
-                "`stages` must be <= `sample_budget`. Received: "
-                f"stages={stages!r}, sample_budget={sample_budget!r}"
-            )
+        self.sample_budget = validation.integer("sample_budget", sample_budget, 1)
+        self.max_batch_size = validation.integer(
+            "max_batch_size", max_batch_size, self.initial_batch_size, optional=True
+        )
+        self.stages = validation.integer("stages", stages, 1, self.sample_budget)
+        self.multiple_of = validation.integer("multiple_of", multiple_of, 1)
 
     def _stage_sizes(self, budget):
         sizes, spent, t = [], 0, 0
@@ -150,15 +116,9 @@ def growing_batches(dataset, schedule):
     across the replicas.
     """
     if not isinstance(dataset, tf.data.Dataset):
-        raise ValueError(
-            "`dataset` must be a tf.data.Dataset of single examples. "
-            f"Received: dataset={dataset!r}"
-        )
+        validation.fail("dataset", "a tf.data.Dataset of single examples", dataset)
     if not isinstance(schedule, GrowingBatchSchedule):
-        raise ValueError(
-            "`schedule` must be a tfso.data.GrowingBatchSchedule. "
-            f"Received: schedule={schedule!r}"
-        )
+        validation.fail("schedule", "a tfso.data.GrowingBatchSchedule", schedule)
     sizes = np.asarray(schedule.batch_sizes(), np.int64)
     ends = tf.constant(np.cumsum(sizes), tf.int64)
     size_of = tf.constant(sizes, tf.int64)

@@ -19,17 +19,15 @@ after a resume in the middle of a stage it restarts at the resumed weights.
 The logged loss is f alone.
 """
 
-import numbers
-
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.data.growing import GrowingBatchSchedule
-from tf_secondorder.distribute._keras_hooks import (
+from tf_secondorder import validation
+from tf_secondorder.compat.trainer import (
     compute_training_loss,
     track_training_loss,
 )
+from tf_secondorder.data.growing import GrowingBatchSchedule
 
 
 def train_in_micro_batches(
@@ -49,36 +47,24 @@ def train_in_micro_batches(
         `model`.
     """
     if not isinstance(model, keras.Model):
-        raise ValueError(f"`model` must be a keras.Model. Received: model={model!r}")
-    if micro_batch_size is not None and (
-        isinstance(micro_batch_size, bool)
-        or not isinstance(micro_batch_size, numbers.Integral)
-        or micro_batch_size < 1
-    ):
-        raise ValueError(
-            "`micro_batch_size` must be None or an integer >= 1. "
-            f"Received: micro_batch_size={micro_batch_size!r}"
-        )
-    if (
-        isinstance(catalyst_theta, bool)
-        or not isinstance(catalyst_theta, numbers.Real)
-        or not catalyst_theta >= 0
-        or np.isinf(catalyst_theta)
-    ):
-        raise ValueError(
-            "`catalyst_theta` must be a finite number >= 0 (0: no proximal "
-            f"term). Received: catalyst_theta={catalyst_theta!r}"
-        )
+        validation.fail("model", "a keras.Model", model)
+    micro_batch_size = validation.integer(
+        "micro_batch_size", micro_batch_size, 1, optional=True
+    )
+    catalyst_theta = validation.number("catalyst_theta", catalyst_theta, 0.0)
     if catalyst_theta > 0 and not isinstance(schedule, GrowingBatchSchedule):
-        raise ValueError(
-            "`catalyst_theta` > 0 needs the data's `schedule` (a "
-            "tfso.data.GrowingBatchSchedule) to know when stages start. "
-            f"Received: schedule={schedule!r}"
+        validation.fail(
+            "schedule",
+            "the data's tfso.data.GrowingBatchSchedule when `catalyst_theta` > 0 "
+            "(its stages say when the anchor restarts)",
+            schedule,
         )
     if catalyst_theta > 0 and not model.built:
-        raise ValueError(
-            "`catalyst_theta` > 0 needs a built model (its anchor copies the "
-            "weights): build it, e.g. with keras.Input, before this call."
+        validation.fail(
+            "model",
+            "a built model when `catalyst_theta` > 0 (its anchor copies the "
+            "weights): build it, e.g. with keras.Input, before this call",
+            model,
         )
     step = _MicroBatchStep(model, micro_batch_size, float(catalyst_theta), schedule)
     if catalyst_theta > 0:

@@ -1,10 +1,18 @@
-"""tf.distribute integration. Private Keras/TF API is confined to _keras_hooks."""
+"""How replicas talk: the communication options and the pieces behind them.
 
-# Importing the compressor modules registers their names (compression="qsgd", ...).
-from tf_secondorder.distribute import compressors, quantizers, sparsifiers  # noqa: F401
-from tf_secondorder.distribute._keras_hooks import (  # noqa: E402
-    install_multi_worker_fit_fix as _install_multi_worker_fit_fix,
-)
-from tf_secondorder.distribute.communication import Communication  # noqa: F401
+- `config`: `CommunicationConfig`, the options, validated once;
+- `communicator`: the order of one step's pieces (reduce, guard, update);
+- `channel`: a step's collectives, batched and counted;
+- `aggregators`, `bidirectional`: protocols over the channel;
+- `error_feedback`: the memory wrapped around any protocol;
+- `local_sgd`, `saddle`: pieces of the cross-replica step;
+- `sharding`: splitting independent work (roots) across replicas;
+- `wrapping`: `tfso.distributed` for any Keras optimizer;
+- `launch`: worker processes on 127.0.0.1 for MultiWorkerMirroredStrategy.
 
-_install_multi_worker_fit_fix()
+The codecs themselves are in `tf_secondorder.compression`.
+"""
+
+from tf_secondorder.distribute.config import CommunicationConfig
+
+__all__ = ["CommunicationConfig"]

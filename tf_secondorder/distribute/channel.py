@@ -1,103 +1,170 @@
-"""Collectives of one step, batched by dtype and counted.
+"""The collectives of one step on one replica: batched, counted, and carrying
+whether every replica's gradients were finite.
 
-Every wire tensor of a step that goes to the same kind of collective is
-flattened into one buffer per dtype, so a step costs one collective per
-dtype per round instead of one per variable. `bytes` and `rounds` count
-what this replica hands to the collectives while the step is traced; they
-are static for a given model, so the counts are exact. `received` counts
-what the collectives deliver to this replica: an all_reduce delivers its
-buffer, an all_gather N buffers, an all_to_all one buffer.
+Every wire tensor handed to one kind of collective in one call is flattened
+into one buffer per dtype, so a step costs one collective per dtype per
+round instead of one per variable; gathers move bits, not numbers, so their
+payloads all travel as int32 words in a single buffer. `bytes` and `rounds`
+count what this replica hands to the collectives while the step is traced
+(static for a given model, so exact); `received` counts what they deliver
+to it (an all_reduce its buffer, an all_gather N buffers, an all_to_all one).
+
+**The finite flag.** A step with a non-finite gradient on any replica is
+skipped whole, including every replica's error-feedback memory, which lives
+in replica context where a replica sees only its own gradient. So the first
+buffer of the step carries one more element, this replica's "not finite"
+flag: summed by an all_reduce, gathered by the others. `all_finite` is then
+the same on every replica, and `commit` assigns state only when it is true.
 """
 
 import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.distribute import _keras_hooks
+from tf_secondorder.compat import collectives
+from tf_secondorder.compression import packing
 
 
 class Channel:
-    def __init__(self, replica_context):
+    """Collectives of one replica in one step (replica context).
+
+    Args:
+        replica_context: the step's `tf.distribute.ReplicaContext`.
+        local_finite: scalar bool, whether this replica's gradients are finite.
+        active: scalar bool, whether the exchange's result is used this step
+            (state is committed only then); None: always.
+    """
+
+    def __init__(self, replica_context, local_finite, active=None):
         self.context = replica_context
         self.num_replicas = replica_context.num_replicas_in_sync
         self.bytes = 0
         self.received = 0
         self.rounds = 0
+        self.local_finite = local_finite
+        # Set by the step's first collective; until then only this replica's.
+        self.all_finite = None
+        self.active = active
+        self.updates = []
+
+    def commit(self, variable, value):
+        """Assigns `value` to the state `variable` only if every replica's
+        gradients were finite (after the first collective) and the exchange
+        is in use."""
+        keep = self.all_finite if self.all_finite is not None else self.local_finite
+        if self.active is not None:
+            keep = tf.logical_and(keep, self.active)
+        self.updates.append(variable.assign(tf.where(keep, value, variable)))
 
     def all_reduce(self, wires):
         """Sums a list of wire lists over replicas; same structure back."""
-        return self._batched(wires, self._sum, stacked=False)
+        return self._batched(wires, _SUM)
 
     def all_gather(self, wires):
         """Each wire tensor of every replica, stacked: [replicas, *shape]."""
-        return self._batched(wires, self._gather, stacked=True)
+        return self._batched(wires, _GATHER)
 
     def all_to_all(self, wires):
-        """Wire tensors of shape [replicas, ...]: row j goes to replica j;
-        row i of each result came from replica i."""
-        return self._batched(wires, self._exchange, stacked=True, leading=True)
+        """Wire tensors of shape [replicas, ...]: row j goes to replica j; row i
+        of each result came from replica i."""
+        return self._batched(wires, _EXCHANGE)
 
-    def _exchange(self, buffer):
-        rows = tf.reshape(buffer, [self.num_replicas, -1])
-        out = _keras_hooks.all_to_all(self.context, rows)
+    # -- internals ------------------------------------------------------------
+
+    def _flag(self, dtype):
+        return tf.cast(tf.logical_not(self.local_finite), dtype)
+
+    def _run(self, kind, buffer, carries_flag):
+        """One collective on a flat buffer ([N, L] rows for an exchange)."""
+        n = self.num_replicas
+        if kind is _SUM:
+            if carries_flag:
+                buffer = tf.concat([buffer, self._flag(buffer.dtype)[None]], 0)
+            out = self.context.all_reduce(tf.distribute.ReduceOp.SUM, buffer)
+            if carries_flag:
+                self.all_finite = tf.equal(out[-1], 0)
+                out = out[:-1]
+            return out
+        if kind is _GATHER:
+            if carries_flag:
+                buffer = tf.concat([buffer, self._flag(buffer.dtype)[None]], 0)
+            out = tf.reshape(self.context.all_gather(buffer, axis=0), [n, -1])
+        else:
+            if carries_flag:
+                flags = tf.fill([n, 1], self._flag(buffer.dtype))
+                buffer = tf.concat([buffer, flags], 1)
+            out = self._exchange(buffer)
+        if carries_flag:
+            self.all_finite = tf.reduce_all(tf.equal(out[:, -1], 0))
+            out = out[:, :-1]
+        return out
+
+    def _exchange(self, rows):
+        out = collectives.all_to_all(self.context, rows)
         if out is None:
             # No all_to_all kernel: gather everything, keep the rows for this
             # replica (N times the bytes, and counted so).
             gathered = self.context.all_gather(rows[None], axis=0)
-            me = self.context.replica_id_in_sync_group
-            out = tf.gather(gathered, me, axis=1)
-            self.received += (
-                int(buffer.shape.num_elements())
-                * buffer.dtype.size
-                * (self.num_replicas - 1)
-            )
+            out = tf.gather(gathered, self.context.replica_id_in_sync_group, axis=1)
+            size = int(rows.shape.num_elements()) * rows.dtype.size
+            self.received += size * (self.num_replicas - 1)
         return out
 
-    def _sum(self, buffer):
-        return self.context.all_reduce(tf.distribute.ReduceOp.SUM, buffer)
-
-    def _gather(self, buffer):
-        gathered = self.context.all_gather(buffer, axis=0)
-        return tf.reshape(gathered, [self.num_replicas, -1])
-
-    def _batched(self, wires, collective, stacked, leading=False):
+    def _batched(self, wires, kind):
         flat = [t for wire in wires for t in wire]
-        dtypes = [t.dtype for t in flat]
-        if stacked:
-            # A gather needs no arithmetic: 32-bit payloads share one int32 buffer.
-            flat = [
-                tf.bitcast(t, tf.int32) if t.dtype == tf.float32 else t for t in flat
-            ]
+        n = self.num_replicas
+        groups = {}
+        if kind is _SUM:
+            for i, t in enumerate(flat):
+                groups.setdefault(t.dtype, []).append(i)
+        else:
+            groups[tf.int32] = list(range(len(flat)))
         results = [None] * len(flat)
-        by_dtype = {}
-        for i, t in enumerate(flat):
-            by_dtype.setdefault(t.dtype, []).append(i)
-        for dtype, indices in by_dtype.items():
-            # all_to_all buffers keep their leading replica axis: [N, -1].
-            width = [self.num_replicas, -1] if leading else [-1]
-            parts = [tf.reshape(flat[i], width) for i in indices]
-            sizes = [int(np.prod(flat[i].shape, dtype=np.int64)) for i in indices]
-            if leading:
-                sizes = [s // self.num_replicas for s in sizes]
+        for indices in groups.values():
+            if kind is _EXCHANGE:
+                parts = [_rows(flat[i], n) for i in indices]
+            elif kind is _GATHER:
+                parts = [packing.to_words(flat[i]) for i in indices]
+            else:
+                parts = [tf.reshape(flat[i], [-1]) for i in indices]
+            sizes = [int(p.shape[-1]) for p in parts]
             buffer = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
-            nbytes = int(buffer.shape.num_elements()) * dtype.size
+            carries_flag = self.all_finite is None
+            out = self._run(kind, buffer, carries_flag)
+            flag_elements = (n if kind is _EXCHANGE else 1) if carries_flag else 0
+            nbytes = (buffer.shape.num_elements() + flag_elements) * buffer.dtype.size
             self.bytes += nbytes
-            self.received += nbytes * (
-                self.num_replicas if stacked and not leading else 1
-            )
+            self.received += nbytes * (n if kind is _GATHER else 1)
             self.rounds += 1
-            out = collective(buffer)
             pieces = tf.split(out, sizes, axis=-1) if len(sizes) > 1 else [out]
             for i, piece in zip(indices, pieces):
-                shape = flat[i].shape.as_list()
-                if leading:
-                    shape = shape[1:]
-                lead = [self.num_replicas] if stacked else []
-                piece = tf.reshape(piece, lead + shape)
-                results[i] = (
-                    tf.bitcast(piece, dtypes[i]) if piece.dtype != dtypes[i] else piece
-                )
+                results[i] = _restore(piece, flat[i], kind, n)
         out, position = [], 0
         for wire in wires:
             out.append(results[position : position + len(wire)])
             position += len(wire)
         return out
+
+
+_SUM, _GATHER, _EXCHANGE = "sum", "gather", "exchange"
+
+
+def _rows(tensor, n):
+    """[N, ...] → [N, words]: each replica's row as int32 words."""
+    rows = tf.reshape(tensor, [n, -1])
+    if rows.dtype.size == 4:
+        return tf.bitcast(rows, tf.int32)
+    return tf.stack([packing.to_words(rows[j]) for j in range(n)])
+
+
+def _restore(piece, like, kind, n):
+    """A collective's output for one wire tensor, back in `like`'s dtype/shape."""
+    shape = like.shape.as_list()
+    if kind is _SUM:
+        return tf.reshape(piece, shape)
+    if kind is _EXCHANGE:
+        shape = shape[1:]
+    if like.dtype.size == 4:
+        return tf.reshape(tf.bitcast(piece, like.dtype), [n] + shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    rows = [packing.from_words(piece[r], [count], like.dtype) for r in range(n)]
+    return tf.reshape(tf.stack(rows), [n] + shape)

@@ -170,19 +170,43 @@ def launch(
     worker gets `TF_CONFIG`, `TFSO_NUM_WORKERS` and `TFSO_RESTART` (0 for the
     first attempt) in its environment.
     """
-    if not command:
-        raise ValueError("`command` must name the program to run, e.g. python x.py")
-    if isinstance(workers, bool) or int(workers) != workers or workers < 1:
-        raise ValueError(f"`workers` must be an integer >= 1; got {workers!r}")
-    if timeout is not None and timeout <= 0:
-        raise ValueError(f"`timeout` must be > 0 seconds or None; got {timeout!r}")
-    if (
-        isinstance(max_restarts, bool)
-        or int(max_restarts) != max_restarts
-        or max_restarts < 0
+    import math  # local: these checks are the only users
+    import numbers
+
+    if isinstance(command, (str, bytes)) or not command:
+        raise ValueError(
+            "`command` must be a non-empty list of the program and its "
+            "arguments, e.g. ['python', 'train.py'] (shlex.split turns a "
+            f"command line into one); received {command!r}"
+        )
+    command = list(command)
+    if not all(isinstance(part, (str, bytes, os.PathLike)) for part in command):
+        raise ValueError(
+            f"`command` must be a list of strings or paths; received {command!r}"
+        )
+
+    def whole(value):
+        return (
+            not isinstance(value, bool)
+            and isinstance(value, numbers.Real)
+            and math.isfinite(value)
+            and int(value) == value
+        )
+
+    if not whole(workers) or workers < 1:
+        raise ValueError(f"`workers` must be an integer >= 1; received {workers!r}")
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, numbers.Real)
+        or not math.isfinite(timeout)
+        or timeout <= 0
     ):
         raise ValueError(
-            f"`max_restarts` must be an integer >= 0; got {max_restarts!r}"
+            f"`timeout` must be > 0 seconds and finite, or None; received {timeout!r}"
+        )
+    if not whole(max_restarts) or max_restarts < 0:
+        raise ValueError(
+            f"`max_restarts` must be an integer >= 0; received {max_restarts!r}"
         )
     out = out or sys.stdout
     lock = threading.Lock()

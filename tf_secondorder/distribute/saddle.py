@@ -1,4 +1,4 @@
-"""Escaping strict saddle points by perturbation (SPEC §4.7).
+"""Escaping strict saddle points by perturbation.
 
 Perturbed gradient descent (Jin et al. 2017; in the distributed setting Xu,
 Jin, Yang 2018): at a step whose gradient (all-reduced, over all trainable
@@ -12,10 +12,10 @@ curvature direction almost surely, which the following steps amplify.
 replica adds the same ξ and replicas stay equal.
 """
 
-import numbers
-
 import keras
 import tensorflow as tf
+
+from tf_secondorder import validation
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
@@ -30,29 +30,10 @@ class SaddleEscape:
     """
 
     def __init__(self, threshold=1e-3, radius=1e-2, interval=100, seed=0):
-        for name, value in (("threshold", threshold), ("radius", radius)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Real)
-                or not value > 0
-                or value == float("inf")
-            ):
-                raise ValueError(
-                    f"`{name}` must be a finite number > 0. Received: {name}={value!r}"
-                )
-        for name, value, low in (("interval", interval, 1), ("seed", seed, 0)):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, numbers.Integral)
-                or value < low
-            ):
-                raise ValueError(
-                    f"`{name}` must be an integer >= {low}. Received: {name}={value!r}"
-                )
-        self.threshold = float(threshold)
-        self.radius = float(radius)
-        self.interval = int(interval)
-        self.seed = int(seed)
+        self.threshold = validation.number("threshold", threshold, 0.0, low_open=True)
+        self.radius = validation.number("radius", radius, 0.0, low_open=True)
+        self.interval = validation.integer("interval", interval, 1)
+        self.seed = validation.integer("seed", seed, 0, (1 << 31) - 1)
 
     def get_config(self):
         return {
@@ -76,9 +57,8 @@ def get(identifier):
     if isinstance(identifier, dict):
         config = identifier.get("config", identifier)
         return SaddleEscape(**config)
-    raise ValueError(
-        "`saddle_escape` must be None, a tfso.SaddleEscape or its config dict. "
-        f"Received: saddle_escape={identifier!r}"
+    validation.fail(
+        "saddle_escape", "None, a tfso.SaddleEscape or its config dict", identifier
     )
 
 
@@ -92,53 +72,38 @@ def ball_sample(sizes, radius, seed):
 
 
 class SaddlePerturbation:
-    """Mixin part of `Communication`: the perturbation after each step."""
+    """The perturbation step: after the update, add ξ when it is due.
 
-    def _init_saddle_escape(self, saddle_escape):
-        self.saddle_escape = get(saddle_escape)
-        if self.saddle_escape is not None and self.average_every is not None:
-            raise ValueError(
-                "`saddle_escape` perturbs the common weights of synchronous "
-                "training; it cannot be combined with `average_every`. "
-                f"Received: saddle_escape={self.saddle_escape!r}, "
-                f"average_every={self.average_every!r}"
-            )
+    State (saved with the optimizer): how many perturbations were added, and
+    the step of the last one (the interval counts from it).
+    """
 
-    def build_saddle_escape(self):
-        self._perturbations = self._last_perturbation = None
-        if self.saddle_escape is None:
-            return
-        counter = dict(shape=(), initializer="zeros", aggregation="only_first_replica")
-        self._perturbations = self.add_variable(
-            dtype="int32", name="saddle_perturbations", **counter
-        )
-        self._last_perturbation = self.add_variable(
-            dtype="int32", name="last_perturbation", **counter
-        )
+    def __init__(self, options):
+        self.options = options
+        self.count = None
+        self.last_step = None
 
-    @property
-    def saddle_perturbations(self):
-        """How many perturbations were added so far (a saved variable)."""
-        return self._perturbations
+    def build(self, state):
+        self.count = state.counter("saddle_perturbations", "int32")
+        self.last_step = state.counter("last_perturbation", "int32")
 
-    def step_update(self, distribution, grads_and_vars, learning_rate):
-        if self.saddle_escape is None:
-            return super().step_update(distribution, grads_and_vars, learning_rate)
-        options = self.saddle_escape
+    def gradient_norm(self, distribution, grads_and_vars):
+        """‖g‖ of the reduced gradient (equal on every replica); cross-replica."""
         squares = []
         for grad, _ in grads_and_vars:
             local = distribution.experimental_local_results(grad)[0]
             if isinstance(local, tf.IndexedSlices):
                 local = tf.convert_to_tensor(local)
             squares.append(tf.reduce_sum(tf.square(tf.cast(local, tf.float32))))
-        norm = tf.sqrt(tf.add_n(squares))
-        super().step_update(distribution, grads_and_vars, learning_rate)
-        step = tf.cast(self.iterations, tf.int32) + 1
+        return tf.sqrt(tf.add_n(squares))
+
+    def perturb_if_due(self, variables, norm, step):
+        """Adds ξ to `variables` when ‖g‖ < threshold and the interval passed
+        (cross-replica context: every replica adds the same ξ)."""
+        options = self.options
         due = (norm < options.threshold) & (
-            (self._perturbations == 0)
-            | (step - self._last_perturbation >= options.interval)
+            (self.count == 0) | (step - self.last_step >= options.interval)
         )
-        variables = [v for _, v in grads_and_vars]
 
         def perturb():
             sizes = [int(v.shape.num_elements()) for v in variables]
@@ -149,7 +114,7 @@ class SaddlePerturbation:
                 variable.assign_add(
                     tf.cast(tf.reshape(noise, variable.shape), variable.dtype)
                 )
-            self._perturbations.assign_add(1)
-            self._last_perturbation.assign(step)
+            self.count.assign_add(1)
+            self.last_step.assign(step)
 
         tf.cond(due, perturb, lambda: None)

@@ -6,15 +6,12 @@ from tf_secondorder.linalg.roots import (
     inverse_pth_root,
     resolve_root_method,
 )
-from tf_secondorder.linalg.sharding import greedy_partition, root_cost
 
 __all__ = [
     "BlockPartitioner",
     "ROOT_METHODS",
-    "greedy_partition",
     "inverse_pth_root",
     "merge_dims",
     "resolve_root_method",
-    "root_cost",
     "split_sizes",
 ]

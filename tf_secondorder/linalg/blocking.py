@@ -18,7 +18,7 @@ def merge_dims(shape, max_dim):
     dim is 1 (or a scalar) merges to ``[]``.
     """
     if max_dim < 1:
-        raise ValueError(f"`max_dim` must be >= 1. Received: max_dim={max_dim}")
+        raise ValueError(f"`max_dim` must be an integer >= 1; received {max_dim!r}")
     merged = []
     for dim in (int(d) for d in shape):
         if dim == 1:
@@ -47,7 +47,7 @@ class BlockPartitioner:
     def __init__(self, shape, block_size):
         if block_size < 1:
             raise ValueError(
-                f"`block_size` must be >= 1. Received: block_size={block_size}"
+                f"`block_size` must be an integer >= 1; received {block_size!r}"
             )
         self.shape = [int(d) for d in shape]
         self.block_size = int(block_size)

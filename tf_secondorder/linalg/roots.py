@@ -10,7 +10,8 @@ Two methods:
 
 * ``"eigh"``: LAPACK/cuSOLVER eigendecomposition,
   ``Q · diag((max(λ, 0) + r)^(-1/p)) · Qᵀ``. Not XLA-compiled on purpose: XLA's
-  CPU eigh is ~70x slower than the LAPACK kernel (SPEC §5).
+  CPU eigh is ~70x slower than the LAPACK kernel (1024×1024: ~20 s vs
+  ~0.28 s with TF 2.21 on a 2-core x86 CPU).
 * ``"coupled_newton"``: the stable coupled Newton iteration (Higham,
   *Functions of Matrices*, eq. 7.18; Iannazzo 2006), matmuls only, compiled
   with ``tf.function(jit_compile=True)``. The only choice that runs well on TPU.
@@ -42,8 +43,7 @@ def resolve_root_method(method):
     """Maps ``"auto"`` to ``"coupled_newton"`` on TPU and ``"eigh"`` elsewhere."""
     if method not in ROOT_METHODS:
         raise ValueError(
-            f"`root_method` must be one of {ROOT_METHODS}. Received: "
-            f"root_method={method!r}"
+            f"`root_method` must be one of {list(ROOT_METHODS)}; received {method!r}"
         )
     if method != "auto":
         return method
@@ -97,7 +97,7 @@ def inverse_pth_root(
     else:
         if int(p) != p or p < 1:
             raise ValueError(
-                f"coupled_newton needs a positive integer root. Received: p={p}"
+                f"`p` must be a positive integer root for coupled_newton; received {p!r}"
             )
         roots, ok, error, _ = _coupled_newton_root(
             tf.cast(matrices, compute_dtype),
@@ -141,23 +141,10 @@ def _eigh_root(matrices, p, epsilon):
     return roots, ok, residual
 
 
-# Vectorised kernels round a tensor's tail (past the last full SIMD packet)
-# and small batched matmuls differently from the rest, so a matrix's root
-# would depend on which other matrices share its batch. Padding each matrix
-# to a multiple of 16 (one AVX-512 packet of float32) makes every matrix's
-# arithmetic the same in any batch: the split refresh (§3.4) then gives
-# bit-identical roots.
-_ALIGN = 16
-
-
 def _reconstruct(q, values, power):
-    """Q · diag(values^power) · Qᵀ, batch-invariant (see `_ALIGN`)."""
-    n = tf.shape(q)[-1]
-    pad = -n % _ALIGN
-    q = tf.pad(q, [[0, 0], [0, pad], [0, pad]])
-    values = tf.pad(values, [[0, 0], [0, pad]], constant_values=1.0)
+    """Q · diag(values^power) · Qᵀ."""
     scaled = q * tf.pow(values, power)[:, None, :]
-    return tf.matmul(scaled, q, transpose_b=True)[:, :n, :n]
+    return tf.matmul(scaled, q, transpose_b=True)
 
 
 def _largest_eigenvalue(matrices, iterations=64):
@@ -225,11 +212,13 @@ def _coupled_newton_root(matrices, p, epsilon, max_iterations):
         new_m = tf.matmul(_matrix_power(m_i, p), m)
         new_h = tf.matmul(h, m_i)
         new_error = max_error(new_m)
-        # Stop a matrix once its error grows: rounding has taken over.
+        # Stop a matrix once its error grows: rounding has taken over. Far
+        # from convergence max|M − I| may grow before it falls (the scaled
+        # start of a rank-one matrix: 0.69 → 0.95 → ... → 0), so growth only
+        # counts once the error is in the quadratic regime (below 1/2).
+        grew = (new_error >= 1.2 * error) & (error < 0.5)
         improved = (
-            active
-            & (new_error < 1.2 * error)
-            & tf.reduce_all(tf.math.is_finite(new_m), axis=[-2, -1])
+            active & ~grew & tf.reduce_all(tf.math.is_finite(new_m), axis=[-2, -1])
         )
         keep = improved[:, None, None]
         m = tf.where(keep, new_m, m)

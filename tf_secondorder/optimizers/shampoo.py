@@ -3,22 +3,23 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.linalg import inverse_pth_root, resolve_root_method
-from tf_secondorder.optimizers import _shampoo_kernels as kernels
-from tf_secondorder.optimizers import _validate
-from tf_secondorder.optimizers._blocked import (
-    BlockedPreconditioner,
+from tf_secondorder import validation
+from tf_secondorder.linalg import ROOT_METHODS, inverse_pth_root, resolve_root_method
+from tf_secondorder.optimizers.base import slot_name
+from tf_secondorder.optimizers.preconditioned import (
+    PreconditionedOptimizer,
+    compute_dtype,
     dense,
     read,
-    slot_prefix,
 )
+from tf_secondorder.preconditioning import shampoo as kernels
+from tf_secondorder.preconditioning.layout import BlockLayout
 
 GRAFTING_TYPES = ("sgd", "adagrad", "rmsprop", "adam", None)
-STATISTICS_DTYPES = (None, "float32", "bfloat16")
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
-class Shampoo(BlockedPreconditioner):
+class Shampoo(PreconditionedOptimizer):
     """Blocked Shampoo with grafting, momentum and decoupled weight decay.
 
     Each parameter is reshaped (size-1 dims squeezed, adjacent small dims
@@ -78,16 +79,10 @@ class Shampoo(BlockedPreconditioner):
             replica computes only its share and the results are all-gathered,
             so the refresh work per replica falls ~1/N and the numbers equal
             the unsplit computation. `False`: every host computes all roots.
-        compression, error_feedback, aggregation: what replicas send each
-            other (see `tfso.distribute.Communication`): a compressor name
-            or instance, error feedback (`None` = on for biased
-            compressors), `"mean"`, `"majority_vote"` or `"bidirectional"`.
-        average_every, average_warmup_steps: local SGD (`None` = off): after
-            W synchronous steps, replicas step on their own gradients and
-            average weights and optimizer state every I steps. Roots are then
-            computed by every replica from its own statistics.
-        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
-            when the gradient norm stays small (leaves strict saddles).
+        compression, error_feedback, aggregation, average_every,
+        average_warmup_steps, saddle_escape: what replicas send each other
+            (`tfso.distribute.CommunicationConfig`). Under local SGD each
+            replica computes roots from its own statistics.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -118,12 +113,6 @@ class Shampoo(BlockedPreconditioner):
         root_method="auto",
         statistics_dtype=None,
         distribute_roots="auto",
-        compression=None,
-        error_feedback=None,
-        aggregation="mean",
-        average_every=None,
-        average_warmup_steps=0,
-        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -136,9 +125,30 @@ class Shampoo(BlockedPreconditioner):
         name="shampoo",
         **kwargs,
     ):
-        _validate.learning_rate(learning_rate)
+        validation.learning_rate(learning_rate)
+        options = {
+            "beta1": validation.number("beta1", beta1, 0.0, 1.0, high_open=True),
+            "beta2": validation.number("beta2", beta2, 0.0, 1.0, low_open=True),
+            "epsilon": validation.number("epsilon", epsilon, 0.0),
+            "grafting": validation.choice("grafting", grafting, GRAFTING_TYPES),
+            "grafting_epsilon": validation.number(
+                "grafting_epsilon", grafting_epsilon, 0.0, low_open=True
+            ),
+            "nesterov": validation.boolean("nesterov", nesterov),
+            "exponent_override": validation.integer(
+                "exponent_override", exponent_override, 1, 64, optional=True
+            ),
+            "root_method": validation.choice("root_method", root_method, ROOT_METHODS),
+        }
         super().__init__(
             learning_rate=learning_rate,
+            block_size=block_size,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            statistics_frequency=statistics_frequency,
+            max_preconditioned_dim=max_preconditioned_dim,
+            statistics_dtype=statistics_dtype,
+            distribute_roots=distribute_roots,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -151,48 +161,8 @@ class Shampoo(BlockedPreconditioner):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.beta1 = _validate.in_range("beta1", beta1, 0.0, 1.0, high_open=True)
-        self.beta2 = _validate.in_range("beta2", beta2, 0.0, 1.0, low_open=True)
-        self.epsilon = _validate.in_range("epsilon", epsilon, 0.0, None)
-        self.block_size = _validate.integer("block_size", block_size, 1)
-        self.precondition_frequency = _validate.integer(
-            "precondition_frequency", precondition_frequency, 1
-        )
-        self.start_preconditioning_step = _validate.integer(
-            "start_preconditioning_step", start_preconditioning_step, 1, optional=True
-        )
-        self.statistics_frequency = _validate.integer(
-            "statistics_frequency", statistics_frequency, 1
-        )
-        self.grafting = _validate.choice("grafting", grafting, GRAFTING_TYPES)
-        self.grafting_epsilon = _validate.in_range(
-            "grafting_epsilon", grafting_epsilon, 0.0, None
-        )
-        self.nesterov = _validate.boolean("nesterov", nesterov)
-        self.exponent_override = _validate.integer(
-            "exponent_override", exponent_override, 1, optional=True
-        )
-        self.max_preconditioned_dim = _validate.integer(
-            "max_preconditioned_dim", max_preconditioned_dim, 1, optional=True
-        )
-        self.root_method = _validate.choice(
-            "root_method", root_method, ("auto", "eigh", "coupled_newton")
-        )
-        self.statistics_dtype = _validate.choice(
-            "statistics_dtype", statistics_dtype, STATISTICS_DTYPES
-        )
-        self.distribute_roots = _validate.choice(
-            "distribute_roots", distribute_roots, ("auto", True, False)
-        )
-        self._init_communication(
-            compression,
-            error_feedback,
-            aggregation,
-            average_every,
-            average_warmup_steps,
-            saddle_escape,
-        )
-        self.check_distribute_roots()
+        for key, value in options.items():
+            setattr(self, key, value)
 
     @property
     def start_step(self):
@@ -200,17 +170,31 @@ class Shampoo(BlockedPreconditioner):
             return self.precondition_frequency
         return self.start_preconditioning_step
 
+    @property
+    def statistics_beta(self):
+        return self.beta2
+
+    def make_layout(self, var_list):
+        return BlockLayout(
+            [v.shape for v in var_list],
+            self.block_size,
+            self.max_preconditioned_dim,
+            self.exponent_override,
+            [compute_dtype(v) for v in var_list],
+        )
+
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
-        self.build_blocked(var_list, self.beta2)
         self._preconditioners = [
             self.add_variable(
                 (factor.size, factor.size),
                 initializer="identity",
                 dtype=factor.dtype,
-                name=f"{slot_prefix(var_list, factor)}_preconditioner_{factor.tag}",
+                name=slot_name(
+                    var_list[factor.variable], f"preconditioner_{factor.tag}"
+                ),
             )
             for factor in self._layout.factors
         ]
@@ -222,7 +206,6 @@ class Shampoo(BlockedPreconditioner):
         self._momentums = []
         if self.beta1 > 0:
             self._momentums = self.add_optimizer_variables(var_list, "momentum")
-        self.build_communication(var_list)
         self._resolved_root_method = resolve_root_method(self.root_method)
         self._hyper = kernels.Hyper(
             beta1=self.beta1,
@@ -231,12 +214,14 @@ class Shampoo(BlockedPreconditioner):
             grafting_epsilon=self.grafting_epsilon,
             nesterov=self.nesterov,
             start_step=self.start_step,
-            bfloat16_statistics=self.statistics_dtype == "bfloat16",
         )
 
     # -- the refresh and the step -----------------------------------------
 
-    def refresh_matrices(self, factor_indices):
+    def refresh_specs(self, factor):
+        return (((factor.size, factor.size), factor.dtype),)
+
+    def refresh(self, factor_indices):
         """Inverse roots of the given factors' statistics; equal sizes are one
         batched op. A rejected root is the factor's previous preconditioner."""
         groups = {}
@@ -254,12 +239,12 @@ class Shampoo(BlockedPreconditioner):
                 compute_dtype=dtype,
             )
             for k, i in enumerate(indices):
-                roots[i] = tf.where(ok[k], new[k], read(self._preconditioners[i]))
+                roots[i] = (tf.where(ok[k], new[k], read(self._preconditioners[i])),)
             failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
-        return [roots[i] for i in factor_indices], failures
+        return roots, failures
 
     def store_refreshed(self, results):
-        for variable, root in zip(self._preconditioners, results):
+        for variable, (root,) in zip(self._preconditioners, results):
             self.assign(variable, tf.cast(root, variable.dtype))
 
     def update_step(self, gradient, variable, learning_rate):
@@ -292,19 +277,11 @@ class Shampoo(BlockedPreconditioner):
                 "beta1": self.beta1,
                 "beta2": self.beta2,
                 "epsilon": self.epsilon,
-                "block_size": self.block_size,
-                "precondition_frequency": self.precondition_frequency,
-                "start_preconditioning_step": self.start_preconditioning_step,
-                "statistics_frequency": self.statistics_frequency,
                 "grafting": self.grafting,
                 "grafting_epsilon": self.grafting_epsilon,
                 "nesterov": self.nesterov,
                 "exponent_override": self.exponent_override,
-                "max_preconditioned_dim": self.max_preconditioned_dim,
                 "root_method": self.root_method,
-                "statistics_dtype": self.statistics_dtype,
-                "distribute_roots": self.distribute_roots,
-                **self.communication_config(),
             }
         )
         return config

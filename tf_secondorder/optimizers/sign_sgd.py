@@ -3,13 +3,13 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.distribute import Communication
-from tf_secondorder.distribute._keras_hooks import add_replica_local_variable
-from tf_secondorder.optimizers import _validate
+from tf_secondorder import validation
+from tf_secondorder.compat import replica_state
+from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
-class SignSGD(Communication, keras.optimizers.Optimizer):
+class SignSGD(CommunicatingOptimizer, keras.optimizers.Optimizer):
     """signSGD (`momentum=0`) and Signum (`momentum>0`), majority vote by default.
 
     Each replica i keeps its own momentum of its own gradient g_i and sends
@@ -18,7 +18,7 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
         m_i ← β·m_i + (1 − β)·g_i               (m_i = g_i when β = 0)
         θ ← θ − lr · sign(Σ_i sign(m_i))         (sign(0) = +1 in the vote)
 
-    one bit per element each way (SPEC §4.3). It tolerates a minority of
+    one bit per element each way. It tolerates a minority of
     replicas sending wrong signs. With one replica this is
     θ ← θ − lr·sign(m) with sign(0) = 0, so a weight with a zero gradient
     does not move. With `aggregation="mean"` the replicas' momenta (or the
@@ -28,15 +28,13 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
     Args:
         learning_rate: float, schedule or callable. Defaults to `0.001`.
         momentum: β in `[0, 1)`. Defaults to `0.0` (signSGD).
-        compression: what each replica sends. Defaults to `"sign"`.
-        error_feedback: `None` (off under majority vote, on for biased
-            compressors under `"mean"`), `True` or `False`.
-        aggregation: `"majority_vote"` (default) or `"mean"`.
-        average_every, average_warmup_steps: local SGD (needs
-            `compression=None, aggregation="mean"`): each replica steps on the
-            sign of its own momentum and weights are averaged every I steps.
-        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
-            when the gradient norm stays small (leaves strict saddles).
+        compression, error_feedback, aggregation, average_every,
+        average_warmup_steps, saddle_escape: what replicas send each other
+            (`tfso.distribute.CommunicationConfig`), with other defaults:
+            `compression="sign"`, `aggregation="majority_vote"` (error
+            feedback then off). Local SGD needs `compression=None,
+            aggregation="mean"`: each replica steps on the sign of its own
+            momentum and weights are averaged every I steps.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -49,18 +47,12 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
           Majority Vote is Communication Efficient and Fault Tolerant. ICLR.
     """
 
-    has_local_transform = True
+    communication_defaults = {"compression": "sign", "aggregation": "majority_vote"}
 
     def __init__(
         self,
         learning_rate=0.001,
         momentum=0.0,
-        compression="sign",
-        error_feedback=None,
-        aggregation="majority_vote",
-        average_every=None,
-        average_warmup_steps=0,
-        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -73,7 +65,8 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
         name="sign_sgd",
         **kwargs,
     ):
-        _validate.learning_rate(learning_rate)
+        validation.learning_rate(learning_rate)
+        momentum = validation.number("momentum", momentum, 0.0, 1.0, high_open=True)
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -88,40 +81,36 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.momentum = _validate.in_range(
-            "momentum", momentum, 0.0, 1.0, high_open=True
-        )
-        self._init_communication(
-            compression,
-            error_feedback,
-            aggregation,
-            average_every,
-            average_warmup_steps,
-            saddle_escape,
-        )
+        self.momentum = momentum
 
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
+        # Each replica's own momentum of its own gradient: per replica, saved.
         self._momentums = [
-            add_replica_local_variable(
-                self, v.shape, "float32", f"{v.path.replace('/', '_')}_momentum"
+            replica_state.add_variable(
+                self, v.shape, "float32", slot_name(v, "momentum")
             )
             if self.momentum > 0
             else None
             for v in var_list
         ]
-        self.build_communication(var_list)
 
-    def local_gradient(self, gradient, variable):
-        momentum = self._momentums[self._get_variable_index(variable)]
-        if momentum is None:
-            return gradient
+    def local_transform(self):
+        if self.momentum == 0:
+            return None
         beta = tf.constant(self.momentum, tf.float32)
-        updated = _momentum_update(tf.convert_to_tensor(momentum), gradient, beta)
-        momentum.assign(updated)
-        return updated
+
+        def momenta(gradients, keys):
+            memories = [self._momentums[k] for k in keys]
+            updated = [
+                _momentum_update(tf.convert_to_tensor(m), g, beta)
+                for m, g in zip(memories, gradients)
+            ]
+            return updated, list(zip(memories, updated))
+
+        return momenta
 
     def update_step(self, gradient, variable, learning_rate):
         lr = tf.cast(learning_rate, variable.dtype)
@@ -129,7 +118,7 @@ class SignSGD(Communication, keras.optimizers.Optimizer):
 
     def get_config(self):
         config = super().get_config()
-        config.update({"momentum": self.momentum, **self.communication_config()})
+        config.update({"momentum": self.momentum})
         return config
 
 

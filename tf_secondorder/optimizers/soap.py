@@ -3,19 +3,18 @@
 import keras
 import tensorflow as tf
 
-from tf_secondorder.optimizers import _soap_kernels as kernels
-from tf_secondorder.optimizers import _validate
-from tf_secondorder.optimizers._blocked import (
-    BlockedPreconditioner,
+from tf_secondorder import validation
+from tf_secondorder.optimizers.base import slot_name
+from tf_secondorder.optimizers.preconditioned import (
+    PreconditionedOptimizer,
     dense,
     read,
-    slot_prefix,
 )
-from tf_secondorder.optimizers.shampoo import STATISTICS_DTYPES
+from tf_secondorder.preconditioning import soap as kernels
 
 
 @keras.saving.register_keras_serializable(package="tf_secondorder")
-class SOAP(BlockedPreconditioner):
+class SOAP(PreconditionedOptimizer):
     """ShampoO with Adam in the Preconditioner's eigenbasis (Vyas et al. 2024).
 
     Parameters are merged and blocked exactly as in `tfso.Shampoo`. For a block
@@ -37,7 +36,8 @@ class SOAP(BlockedPreconditioner):
         θ ← θ − lr·√(1 − β2^t)/(1 − β1^t) · U
 
     Before the first refresh (and for parameters with no preconditioned
-    dimension) this is Adam. Keeping m unrotated (as the authors' code does)
+    dimension) this is Adam. At the first basis m and v start afresh from
+    zero (as in the authors' code) and t counts the steps since then. Keeping m unrotated (as the authors' code does)
     makes it exact across basis changes; between refreshes it equals running
     Adam's first moment on G'. A refresh whose matrices are non-finite is
     rejected (the old basis kept, `root_failures` incremented); a step with a
@@ -63,12 +63,13 @@ class SOAP(BlockedPreconditioner):
         statistics_dtype: `None`/`"float32"` or `"bfloat16"` (stochastic
             rounding), as in Shampoo.
         distribute_roots: `"auto"`, `True` or `False`, as in Shampoo.
-        compression, error_feedback, aggregation: what replicas send each
-            other, as for every tf_secondorder optimizer.
-        average_every, average_warmup_steps: local SGD, as for every
-            tf_secondorder optimizer (`None` = off).
-        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
-            when the gradient norm stays small (leaves strict saddles).
+        compression, error_feedback, aggregation, average_every,
+        average_warmup_steps, saddle_escape: what replicas send each other
+            (`tfso.distribute.CommunicationConfig`). Under local SGD each
+            replica keeps its own basis and the second moment in it (an
+            average of two bases is no basis); weights, the first moment and
+            the statistics are averaged, and the next refresh starts from
+            the averaged statistics.
         weight_decay, clipnorm, clipvalue, global_clipnorm, use_ema,
         ema_momentum, ema_overwrite_frequency, loss_scale_factor,
         gradient_accumulation_steps, name: as for every
@@ -79,8 +80,6 @@ class SOAP(BlockedPreconditioner):
           SOAP: Improving and Stabilizing Shampoo using Adam. arXiv:2409.11321.
         - Gupta, Koren, Singer (2018). Shampoo. arXiv:1802.09568.
     """
-
-    exponent_override = None
 
     def __init__(
         self,
@@ -96,12 +95,6 @@ class SOAP(BlockedPreconditioner):
         max_preconditioned_dim=None,
         statistics_dtype=None,
         distribute_roots="auto",
-        compression=None,
-        error_feedback=None,
-        aggregation="mean",
-        average_every=None,
-        average_warmup_steps=0,
-        saddle_escape=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -114,9 +107,27 @@ class SOAP(BlockedPreconditioner):
         name="soap",
         **kwargs,
     ):
-        _validate.learning_rate(learning_rate)
+        validation.learning_rate(learning_rate)
+        options = {
+            "beta1": validation.number("beta1", beta1, 0.0, 1.0, high_open=True),
+            "beta2": validation.number("beta2", beta2, 0.0, 1.0, high_open=True),
+            "shampoo_beta": validation.number(
+                "shampoo_beta", shampoo_beta, 0.0, 1.0, low_open=True, optional=True
+            ),
+            # ε = 0 would divide 0 by 0 on coordinates no gradient reached.
+            "epsilon": validation.number("epsilon", epsilon, 0.0, low_open=True),
+        }
         super().__init__(
             learning_rate=learning_rate,
+            block_size=block_size,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=validation.integer(
+                "start_preconditioning_step", start_preconditioning_step, 1
+            ),
+            statistics_frequency=statistics_frequency,
+            max_preconditioned_dim=max_preconditioned_dim,
+            statistics_dtype=statistics_dtype,
+            distribute_roots=distribute_roots,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -129,59 +140,27 @@ class SOAP(BlockedPreconditioner):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        self.beta1 = _validate.in_range("beta1", beta1, 0.0, 1.0, high_open=True)
-        self.beta2 = _validate.in_range("beta2", beta2, 0.0, 1.0, high_open=True)
-        self.shampoo_beta = None
-        if shampoo_beta is not None:
-            self.shampoo_beta = _validate.in_range(
-                "shampoo_beta", shampoo_beta, 0.0, 1.0, low_open=True
-            )
-        self.epsilon = _validate.in_range("epsilon", epsilon, 0.0, None)
-        self.block_size = _validate.integer("block_size", block_size, 1)
-        self.precondition_frequency = _validate.integer(
-            "precondition_frequency", precondition_frequency, 1
-        )
-        self.start_preconditioning_step = _validate.integer(
-            "start_preconditioning_step", start_preconditioning_step, 1
-        )
-        self.statistics_frequency = _validate.integer(
-            "statistics_frequency", statistics_frequency, 1
-        )
-        self.max_preconditioned_dim = _validate.integer(
-            "max_preconditioned_dim", max_preconditioned_dim, 1, optional=True
-        )
-        self.statistics_dtype = _validate.choice(
-            "statistics_dtype", statistics_dtype, STATISTICS_DTYPES
-        )
-        self.distribute_roots = _validate.choice(
-            "distribute_roots", distribute_roots, ("auto", True, False)
-        )
-        self._init_communication(
-            compression,
-            error_feedback,
-            aggregation,
-            average_every,
-            average_warmup_steps,
-            saddle_escape,
-        )
-        self.check_distribute_roots()
+        for key, value in options.items():
+            setattr(self, key, value)
 
     @property
     def start_step(self):
         return self.start_preconditioning_step
 
+    @property
+    def statistics_beta(self):
+        return self.beta2 if self.shampoo_beta is None else self.shampoo_beta
+
     def build(self, var_list):
         if self.built:
             return
         super().build(var_list)
-        statistics_beta = self.beta2 if self.shampoo_beta is None else self.shampoo_beta
-        self.build_blocked(var_list, statistics_beta)
         self._bases = [
             self.add_variable(
                 (factor.size, factor.size),
                 initializer="identity",
                 dtype=factor.dtype,
-                name=f"{slot_prefix(var_list, factor)}_basis_{factor.tag}",
+                name=slot_name(var_list[factor.variable], f"basis_{factor.tag}"),
             )
             for factor in self._layout.factors
         ]
@@ -189,22 +168,31 @@ class SOAP(BlockedPreconditioner):
         self._second_moments = self.add_optimizer_variables(
             var_list, "rotated_second_moment"
         )
-        self.build_communication(var_list)
-        self._hyper = kernels.Hyper(self.beta1, self.beta2, self.epsilon)
+        self._hyper = kernels.Hyper(
+            self.beta1, self.beta2, self.epsilon, self.start_step
+        )
+
+    def replica_specific_variables(self):
+        # Under local SGD each replica's basis comes from its own statistics;
+        # the second moment is in that basis. Averages would mix bases.
+        return self._bases + self._second_moments
 
     # -- the refresh and the step -----------------------------------------
 
-    def refreshed_shape(self, factor):
-        # The basis and, as its last column, the order of the old columns.
-        return (factor.size, factor.size + 1)
+    def refresh_specs(self, factor):
+        # The basis, and the order its columns came in from the old one.
+        return (
+            ((factor.size, factor.size), factor.dtype),
+            ((factor.size,), "int32"),
+        )
 
-    def refresh_matrices(self, factor_indices):
+    def refresh(self, factor_indices):
         groups = {}
         for i in factor_indices:
             f = self._layout.factors[i]
             groups.setdefault((f.size, f.dtype), []).append(i)
         first = tf.equal(self.step_number(), self.start_step)
-        packed, failures = {}, tf.constant(0, tf.int64)
+        results, failures = {}, tf.constant(0, tf.int64)
         for (size, dtype), indices in groups.items():
             stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
             old = tf.stack([read(self._bases[i]) for i in indices])
@@ -220,23 +208,34 @@ class SOAP(BlockedPreconditioner):
             basis = tf.where(ok[:, None, None], basis, old)
             order = tf.where(ok[:, None], order, identity)
             for k, i in enumerate(indices):
-                column = tf.cast(order[k], dtype)[:, None]
-                packed[i] = tf.concat([basis[k], column], axis=1)
+                results[i] = (basis[k], order[k])
             failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
-        return [packed[i] for i in factor_indices], failures
+        return results, failures
 
     def store_refreshed(self, results):
         orders = []
-        for variable, packed in zip(self._bases, results):
-            self.assign(variable, tf.cast(packed[:, :-1], variable.dtype))
-            orders.append(tf.cast(packed[:, -1], tf.int32))
-        for plan, second_moment in zip(self._layout.plans, self._second_moments):
-            if plan.factors:
-                own = [orders[f.index] for f in plan.factors]
-                self.assign(
-                    second_moment,
-                    kernels.permute_axes(plan, read(second_moment), own),
-                )
+        for variable, (basis, order) in zip(self._bases, results):
+            self.assign(variable, tf.cast(basis, variable.dtype))
+            orders.append(order)
+        # At the first basis both moments start afresh (as in the authors'
+        # code); later refreshes reorder the second moments with the columns.
+        first = tf.equal(self.step_number(), self.start_step)
+        for plan, momentum, second_moment in zip(
+            self._layout.plans, self._momentums, self._second_moments
+        ):
+            if not plan.factors:
+                continue
+            value = read(second_moment)
+            own = [orders[f.index] for f in plan.factors]
+            self.assign(
+                second_moment,
+                tf.where(
+                    first, tf.zeros_like(value), kernels.permute_axes(plan, value, own)
+                ),
+            )
+            self.assign(
+                momentum, tf.where(first, tf.zeros_like(momentum), read(momentum))
+            )
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
@@ -264,14 +263,6 @@ class SOAP(BlockedPreconditioner):
                 "beta2": self.beta2,
                 "shampoo_beta": self.shampoo_beta,
                 "epsilon": self.epsilon,
-                "block_size": self.block_size,
-                "precondition_frequency": self.precondition_frequency,
-                "start_preconditioning_step": self.start_preconditioning_step,
-                "statistics_frequency": self.statistics_frequency,
-                "max_preconditioned_dim": self.max_preconditioned_dim,
-                "statistics_dtype": self.statistics_dtype,
-                "distribute_roots": self.distribute_roots,
-                **self.communication_config(),
             }
         )
         return config

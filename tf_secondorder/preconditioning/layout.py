@@ -1,12 +1,10 @@
-"""Static (Python-side) layout of Shampoo's per-block statistics.
+"""Static (Python-side) layout of blocked Kronecker preconditioners.
 
-Computed once in ``build`` from the variable shapes: how each variable is
-merged and blocked, which block dimensions get a statistic, and which
-statistics share a size and exponent so their roots are computed as one
-batched op.
+Computed once in `build` from the variable shapes: how each variable is
+merged and blocked, and which block axes get a statistic (a *factor*). Shampoo
+keeps an inverse root per factor, SOAP an eigenbasis.
 """
 
-import collections
 import dataclasses
 
 from tf_secondorder.linalg import BlockPartitioner, merge_dims
@@ -14,13 +12,13 @@ from tf_secondorder.linalg import BlockPartitioner, merge_dims
 
 @dataclasses.dataclass(frozen=True)
 class Factor:
-    """One Kronecker factor: statistic and preconditioner of one block axis."""
+    """One Kronecker factor: the statistic of one axis of one block."""
 
     variable: int  # index of the model variable
     block: int  # index of the block within the variable
     axis: int  # axis of the block it preconditions
     size: int  # side of the square statistic
-    exponent: int  # p in (S + εI)^(-1/p)
+    exponent: int  # p in (S + εI)^(-1/p) (Shampoo)
     index: int  # position in the optimizer's flat factor lists
     dtype: str  # dtype the factor is computed in (float32 or float64)
 
@@ -31,6 +29,9 @@ class Factor:
 
 @dataclasses.dataclass
 class VariablePlan:
+    """How one variable is preconditioned. A variable with no factors (a
+    zero-size one, or every axis too long) is only grafted / Adam-updated."""
+
     shape: tuple
     merged_shape: list
     partitioner: BlockPartitioner
@@ -38,16 +39,21 @@ class VariablePlan:
     factors_of_block: list
 
 
-class ShampooLayout:
+class BlockLayout:
     """Plans for a list of variable shapes.
 
     Args:
         shapes: the variables' shapes.
         block_size: the longest block side; also the merge limit.
         max_preconditioned_dim: merged dimensions longer than this get no
-            factor (only grafting), e.g. a vocabulary. None: no limit.
-        exponent_override: p for every root instead of 2·order.
+            factor, e.g. a vocabulary. None: no limit.
+        exponent_override: p for every root instead of 2·k.
         dtypes: compute dtype of each variable's factors (default float32).
+
+    The root exponent of a block with k preconditioned axes is 2k: an axis
+    left out (longer than `max_preconditioned_dim`) does not count, as in
+    scalable_shampoo's `exponent_for_preconditioner`. A matrix preconditioned
+    on one side then gets (GGᵀ)^(−1/2), full-matrix AdaGrad on that side.
     """
 
     def __init__(
@@ -61,22 +67,24 @@ class ShampooLayout:
         dtypes = dtypes or ["float32"] * len(shapes)
         self.plans = []
         self.factors = []
-        self.root_groups = collections.defaultdict(list)
         for variable, shape in enumerate(shapes):
             shape = tuple(int(d) for d in shape)
+            if 0 in shape:
+                self.plans.append(VariablePlan(shape, [0], None, [], []))
+                continue
             merged = merge_dims(shape, block_size)
             partitioner = BlockPartitioner(merged, block_size)
-            exponent = exponent_override or 2 * len(merged)
-            preconditioned_axes = [
+            axes = [
                 axis
                 for axis, dim in enumerate(merged)
                 if max_preconditioned_dim is None or dim <= max_preconditioned_dim
             ]
+            exponent = exponent_override or 2 * len(axes)
             factors_of_block = []
             plan_factors = []
             for block, block_shape in enumerate(partitioner.block_shapes):
                 block_factors = []
-                for axis in preconditioned_axes:
+                for axis in axes:
                     factor = Factor(
                         variable=variable,
                         block=block,
@@ -87,12 +95,9 @@ class ShampooLayout:
                         dtype=dtypes[variable],
                     )
                     self.factors.append(factor)
-                    key = (factor.size, exponent, factor.dtype)
-                    self.root_groups[key].append(factor.index)
                     block_factors.append(factor)
                     plan_factors.append(factor)
                 factors_of_block.append(block_factors)
             self.plans.append(
                 VariablePlan(shape, merged, partitioner, plan_factors, factors_of_block)
             )
-        self.root_groups = dict(self.root_groups)

@@ -3,23 +3,16 @@
 import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.distribute import packing
-from tf_secondorder.distribute.compressors import Compressor, _register, _size
+from tf_secondorder import validation
+from tf_secondorder.compression import packing
+from tf_secondorder.compression.codec import Compressor, num_elements, register
 
 
 def _uniform(shape, seed):
     return tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
 
 
-def _integer(name, value, accepted):
-    if isinstance(value, bool) or value not in accepted:
-        raise ValueError(
-            f"`{name}` must be one of {list(accepted)}. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-@_register("qsgd")
+@register("qsgd")
 class QSGD(Compressor):
     """QSGD (Alistarh et al. 2017) with s = 2^(bits−1) − 1 levels per bucket.
 
@@ -37,27 +30,21 @@ class QSGD(Compressor):
     unbiased = True
 
     def __init__(self, bits=8, bucket_size=512):
-        self.bits = _integer("bits", bits, (2, 4, 8, 16))
-        if bucket_size is not None and (
-            isinstance(bucket_size, bool)
-            or not isinstance(bucket_size, int)
-            or bucket_size < 1
-        ):
-            raise ValueError(
-                f"`bucket_size` must be an integer >= 1 or None. Received: bucket_size={bucket_size!r}"
-            )
-        self.bucket_size = bucket_size
+        self.bits = validation.choice("bits", bits, (2, 4, 8, 16))
+        self.bucket_size = validation.integer(
+            "bucket_size", bucket_size, 1, optional=True
+        )
         self.levels = 2 ** (self.bits - 1) - 1
 
     def _buckets(self, shape):
-        d = _size(shape)
-        size = d if self.bucket_size is None else min(self.bucket_size, d)
-        return -(-d // size), size
+        d = num_elements(shape)
+        bucket = d if self.bucket_size is None else min(self.bucket_size, d)
+        return -(-d // bucket), bucket
 
-    def compress(self, x, seed):
+    def encode(self, x, seed):
         count, size = self._buckets(x.shape)
         flat = tf.reshape(x, [-1])
-        flat = tf.pad(flat, [[0, count * size - _size(x.shape)]])
+        flat = tf.pad(flat, [[0, count * size - num_elements(x.shape)]])
         buckets = tf.reshape(flat, [count, size])
         norms = tf.norm(buckets, axis=1)
         scaled = (
@@ -68,7 +55,7 @@ class QSGD(Compressor):
         codes = tf.cast(level, tf.int32) * 2 + tf.cast(buckets < 0, tf.int32)
         return [norms, packing.pack_bits(codes, self.bits)]
 
-    def decompress(self, wire, shape, seed):
+    def decode(self, wire, shape, seed):
         count, size = self._buckets(shape)
         codes = tf.reshape(
             packing.unpack_bits(wire[1], self.bits, count * size), [count, size]
@@ -76,7 +63,7 @@ class QSGD(Compressor):
         sign = 1.0 - 2.0 * tf.cast(codes % 2, tf.float32)
         level = tf.cast(codes // 2, tf.float32)
         values = wire[0][:, None] * sign * level / self.levels
-        return tf.reshape(tf.reshape(values, [-1])[: _size(shape)], shape)
+        return tf.reshape(tf.reshape(values, [-1])[: num_elements(shape)], shape)
 
     def wire_specs(self, shape):
         count, size = self._buckets(shape)
@@ -89,7 +76,7 @@ class QSGD(Compressor):
         return {"bits": self.bits, "bucket_size": self.bucket_size}
 
 
-@_register("terngrad")
+@register("terngrad")
 class TernGrad(Compressor):
     """TernGrad (Wen et al. 2017): s·{−1, 0, 1}, s = max|x|, P(±1) = |x_i|/s.
 
@@ -99,19 +86,13 @@ class TernGrad(Compressor):
     """
 
     def __init__(self, clip=None):
-        if clip is not None and (
-            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0
-        ):
-            raise ValueError(
-                f"`clip` must be a positive number or None. Received: clip={clip!r}"
-            )
-        self.clip = None if clip is None else float(clip)
+        self.clip = validation.number("clip", clip, 0.0, low_open=True, optional=True)
 
     @property
     def unbiased(self):
         return self.clip is None
 
-    def compress(self, x, seed):
+    def encode(self, x, seed):
         flat = tf.reshape(x, [-1])
         if self.clip is not None:
             limit = self.clip * tf.math.reduce_std(flat)
@@ -121,13 +102,16 @@ class TernGrad(Compressor):
         codes = tf.where(keep, tf.where(flat < 0, 2, 1), 0)
         return [tf.reshape(scale, [1]), packing.pack_bits(codes, 2)]
 
-    def decompress(self, wire, shape, seed):
-        codes = packing.unpack_bits(wire[1], 2, _size(shape))
+    def decode(self, wire, shape, seed):
+        codes = packing.unpack_bits(wire[1], 2, num_elements(shape))
         ternary = tf.cast(codes == 1, tf.float32) - tf.cast(codes == 2, tf.float32)
         return tf.reshape(wire[0][0] * ternary, shape)
 
     def wire_specs(self, shape):
-        return [((1,), tf.float32), ((packing.words_for(_size(shape), 2),), tf.int32)]
+        return [
+            ((1,), tf.float32),
+            ((packing.words_for(num_elements(shape), 2),), tf.int32),
+        ]
 
     def get_config(self):
         return {"clip": self.clip}
@@ -141,7 +125,7 @@ def _exponent_and_fraction(magnitude):
     return biased, fraction
 
 
-@_register("natural")
+@register("natural")
 class Natural(Compressor):
     """Natural compression (Horváth et al. 2019) or natural dithering.
 
@@ -158,20 +142,12 @@ class Natural(Compressor):
     unbiased = True
 
     def __init__(self, levels=None):
-        if levels is not None and (
-            isinstance(levels, bool)
-            or not isinstance(levels, int)
-            or not 1 <= levels <= 127
-        ):
-            raise ValueError(
-                f"`levels` must be None or an integer in [1, 127]. Received: levels={levels!r}"
-            )
-        self.levels = levels
+        self.levels = validation.integer("levels", levels, 1, 127, optional=True)
         if levels is not None:
             needed = 1 + int(np.ceil(np.log2(levels + 1)))
             self.bits = min(b for b in packing.FIELD_WIDTHS if b >= needed)
 
-    def compress(self, x, seed):
+    def encode(self, x, seed):
         flat = tf.reshape(x, [-1])
         u = _uniform(tf.shape(flat), seed)
         if self.levels is None:
@@ -209,8 +185,8 @@ class Natural(Compressor):
         codes = tf.cast(level, tf.int32) * 2 + tf.cast(flat < 0, tf.int32)
         return [tf.reshape(norm, [1]), packing.pack_bits(codes, self.bits)]
 
-    def decompress(self, wire, shape, seed):
-        d = _size(shape)
+    def decode(self, wire, shape, seed):
+        d = num_elements(shape)
         if self.levels is None:
             exponent = packing.unpack_bits(wire[0], 8, d)
             sign = packing.unpack_bits(wire[1], 1, d)
@@ -227,7 +203,7 @@ class Natural(Compressor):
         return tf.reshape(wire[0][0] * sign * magnitude, shape)
 
     def wire_specs(self, shape):
-        d = _size(shape)
+        d = num_elements(shape)
         if self.levels is None:
             return [
                 ((packing.words_for(d, 8),), tf.int32),
@@ -237,3 +213,69 @@ class Natural(Compressor):
 
     def get_config(self):
         return {"levels": self.levels}
+
+
+@register("int8")
+class Int8(Compressor):
+    """Linear `bits`-bit integers per bucket, scaled by the bucket's largest
+    magnitude, with stochastic rounding: unbiased.
+
+    For a bucket b with s = max|b_i| and L = 2^(bits−1) − 1 levels,
+    q_i = s · ⌊L·b_i/s + u_i⌋ / L, u_i ~ U[0, 1). Unlike QSGD, whose scale is
+    the bucket's L2 norm, every level is within the bucket's range, so dense
+    tensors (pseudo-gradients of local SGD / DiLoCo) keep ~bits of precision.
+    Wire: one float32 scale per bucket and `bits` bits per element.
+
+    Args:
+        bits: 4 or 8. Defaults to 8 (`"int8"`); `"int4"` is 4.
+        bucket_size: elements sharing one scale, >= 1. Defaults to 256.
+    """
+
+    unbiased = True
+    default_bits = 8
+
+    def __init__(self, bits=None, bucket_size=256):
+        bits = self.default_bits if bits is None else bits
+        self.bits = validation.choice("bits", bits, (4, 8))
+        self.bucket_size = validation.integer("bucket_size", bucket_size, 1)
+        self.levels = 2 ** (self.bits - 1) - 1
+
+    def _buckets(self, shape):
+        d = num_elements(shape)
+        bucket = min(self.bucket_size, d)
+        return -(-d // bucket), bucket
+
+    def encode(self, x, seed):
+        count, size = self._buckets(x.shape)
+        flat = tf.pad(tf.reshape(x, [-1]), [[0, count * size - num_elements(x.shape)]])
+        buckets = tf.reshape(flat, [count, size])
+        scales = tf.reduce_max(tf.abs(buckets), axis=1)
+        safe = tf.where(scales > 0, scales, 1.0)[:, None]
+        level = tf.floor(self.levels * buckets / safe + _uniform([count, size], seed))
+        level = tf.clip_by_value(level, -self.levels, self.levels)
+        codes = tf.cast(level, tf.int32) + self.levels
+        return [scales, packing.pack_bits(codes, self.bits)]
+
+    def decode(self, wire, shape, seed):
+        count, size = self._buckets(shape)
+        codes = packing.unpack_bits(wire[1], self.bits, count * size)
+        level = tf.cast(tf.reshape(codes, [count, size]) - self.levels, tf.float32)
+        values = wire[0][:, None] * level / self.levels
+        return tf.reshape(tf.reshape(values, [-1])[: num_elements(shape)], shape)
+
+    def wire_specs(self, shape):
+        count, size = self._buckets(shape)
+        return [
+            ((count,), tf.float32),
+            ((packing.words_for(count * size, self.bits),), tf.int32),
+        ]
+
+    def get_config(self):
+        return {"bits": self.bits, "bucket_size": self.bucket_size}
+
+
+@register("int4")
+class Int4(Int8):
+    """`Int8` with 4-bit integers (7 levels each side)."""
+
+    default_bits = 4

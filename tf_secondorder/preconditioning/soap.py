@@ -9,48 +9,23 @@ import dataclasses
 
 import tensorflow as tf
 
+from tf_secondorder.preconditioning.kronecker import contract_variable
+
 
 @dataclasses.dataclass(frozen=True)
 class Hyper:
     beta1: float
     beta2: float
     epsilon: float
-
-
-def rotate_block(block, bases, back=False):
-    """Contracts axis i of `block` with bases[i] (None: left alone)."""
-    rank = block.shape.rank
-    if rank == 2:
-        left, right = bases
-        if left is not None:
-            block = tf.matmul(left, block, transpose_a=not back)
-        if right is not None:
-            block = tf.matmul(block, right, transpose_b=back)
-        return block
-    # Contracting axis 0 appends the new axis last, so after `rank` steps the
-    # axes are back in order.
-    for basis in bases:
-        if basis is None:
-            block = tf.transpose(block, list(range(1, rank)) + [0])
-        else:
-            block = tf.tensordot(block, basis, axes=[[0], [1 if back else 0]])
-    return block
+    start_step: int
 
 
 def project(plan, tensor, bases, back=False):
     """`tensor` (a variable's shape) rotated block by block into (or out of,
-    with back=True) the basis; bases are the variable's in plan.factors order."""
+    with back=True) the basis; bases are the variable's, in plan.factors order."""
     if not plan.factors:
         return tensor
-    first = plan.factors[0].index
-    blocks = plan.partitioner.partition(tf.reshape(tensor, plan.merged_shape))
-    rotated = []
-    for b, block in enumerate(blocks):
-        per_axis = [None] * block.shape.rank
-        for factor in plan.factors_of_block[b]:
-            per_axis[factor.axis] = tf.cast(bases[factor.index - first], block.dtype)
-        rotated.append(rotate_block(block, per_axis, back))
-    return tf.reshape(plan.partitioner.merge(rotated), tensor.shape)
+    return contract_variable(plan, tensor, bases, back=back)
 
 
 def permute_axes(plan, tensor, orders):
@@ -87,9 +62,16 @@ def refined_basis(statistics, previous):
 def update(plan, hyper, grad, momentum, second_moment, bases, step, lr):
     """(new momentum, new rotated second moment, delta); the caller subtracts
     delta. The momentum lives in the parameter's own coordinates (projected
-    each step, so it survives basis changes); the second moment in the basis."""
+    each step, so it survives basis changes); the second moment in the basis.
+    Both start from zero at the first basis (the caller resets them), as in
+    the authors' code, so their bias corrections count the steps since then:
+    a first moment carried over from the Adam steps before, divided by a
+    second moment one step old, would make steps of any size."""
     dtype = grad.dtype
     t = tf.cast(step, dtype)
+    if plan.factors and hyper.start_step > 1:
+        since_basis = t - tf.constant(hyper.start_step - 1, dtype)
+        t = tf.where(since_basis >= 1, since_basis, t)
     beta1 = tf.constant(hyper.beta1, dtype)
     beta2 = tf.constant(hyper.beta2, dtype)
     new_momentum = beta1 * momentum + (1.0 - beta1) * grad

@@ -1,0 +1,271 @@
+"""COMP-AMS and 1-bit Adam: NumPy references on 2 replicas (every memory
+included), alone, save → load → resume, bad input."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_secondorder as tfso
+from tests.helpers import regression_data, replica_values, weights_of
+
+SHAPES = [(5,), (3, 2)]  # 11 elements: bidirectional chunks of 6 cross them
+
+
+def scaled_sign(v):
+    return np.mean(np.abs(v)) * np.where(v < 0, -1.0, 1.0)
+
+
+def run(strategy, optimizer_fn, gradients):
+    """gradients[t][r]: replica r's flat gradient at step t (what it computed;
+    Keras hands the optimizer g/N)."""
+    with strategy.scope():
+        variables = [keras.Variable(np.zeros(s, "float32")) for s in SHAPES]
+        optimizer = optimizer_fn()
+        optimizer.build(variables)
+    n = strategy.num_replicas_in_sync
+    sizes = [int(np.prod(s)) for s in SHAPES]
+
+    @tf.function
+    def step(per_replica):
+        def replica_step(flat):
+            parts = tf.split(flat / n, sizes)
+            grads = [tf.reshape(p, s) for p, s in zip(parts, SHAPES)]
+            optimizer.apply_gradients(zip(grads, variables))
+
+        strategy.run(replica_step, args=(per_replica,))
+
+    for values in gradients:
+        per_replica = strategy.experimental_distribute_values_from_function(
+            lambda context, values=values: tf.constant(
+                values[context.replica_id_in_sync_group], tf.float32
+            )
+        )
+        step(per_replica)
+    return variables, optimizer
+
+
+def _split(flat):
+    return np.split(flat, np.cumsum([int(np.prod(s)) for s in SHAPES])[:-1])
+
+
+def reference_comp_ams(gradients, lr, b1=0.9, b2=0.999, eps=1e-7):
+    """Per tensor: p_i = g_i + e_i, c_i = scaled sign of p_i, e_i = p_i − c_i;
+    AMSGrad on the mean of the c_i."""
+    n, d = len(gradients[0]), gradients[0][0].size
+    e = [np.zeros(d) for _ in range(n)]
+    m, v, v_max, x = (np.zeros(d) for _ in range(4))
+    for t, step in enumerate(gradients, start=1):
+        sent = []
+        for i, g in enumerate(step):
+            p = g + e[i]
+            c = np.concatenate([scaled_sign(part) for part in _split(p)])
+            e[i] = p - c
+            sent.append(c)
+        mean = np.mean(sent, axis=0)
+        m = b1 * m + (1 - b1) * mean
+        v = b2 * v + (1 - b2) * mean**2
+        v_max = np.maximum(v_max, v)
+        x = x - lr * np.sqrt(1 - b2**t) / (1 - b1**t) * m / (np.sqrt(v_max) + eps)
+    return x, e
+
+
+def test_comp_ams_matches_numpy_on_two_replicas(mirrored, rng):
+    gradients = [[rng.normal(size=11) for _ in range(2)] for _ in range(6)]
+    variables, optimizer = run(
+        mirrored, lambda: tfso.CompAMS(0.01, compression="scaled_sign"), gradients
+    )
+    want, memories = reference_comp_ams(gradients, 0.01)
+    got = np.concatenate([v.numpy().reshape(-1) for v in variables])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    per_replica = [
+        np.concatenate(parts)
+        for parts in zip(
+            *[
+                [r.reshape(-1) for r in m.replica_values()]
+                for m in optimizer.communicator.aggregator.memories
+            ]
+        )
+    ]
+    for r in range(2):
+        np.testing.assert_allclose(per_replica[r], memories[r], rtol=1e-5, atol=1e-6)
+    # Error feedback matters: without memories the weights land elsewhere.
+    no_memory, _ = run(
+        mirrored,
+        lambda: tfso.CompAMS(0.01, compression="scaled_sign", error_feedback=False),
+        gradients,
+    )
+    other = np.concatenate([v.numpy().reshape(-1) for v in no_memory])
+    assert np.abs(other - want).max() > 1e-4
+
+
+def chunked_exchange(codes_of, inputs, worker, server):
+    """The bidirectional exchange with memories (NumPy), one step."""
+    n, d = len(inputs), inputs[0].size
+    length = -(-d // n)
+    codes = []
+    for i, x in enumerate(inputs):
+        p = np.pad(x + worker[i], (0, n * length - d)).reshape(n, length)
+        c = np.stack([codes_of(chunk) for chunk in p])
+        codes.append(c)
+        worker[i] = (p - c).reshape(-1)[:d]
+    replies = []
+    for r in range(n):
+        q = np.mean([codes[i][r] for i in range(n)], axis=0) + server[r]
+        z = codes_of(q)
+        server[r] = q - z
+        replies.append(z)
+    return np.concatenate(replies)[:d]
+
+
+def reference_one_bit_adam(
+    gradients, lr, freeze, every=None, b1=0.9, b2=0.999, eps=1e-7
+):
+    """Adam on the mean gradient while t ≤ freeze (and every `every` steps
+    after, as a K-step variance update); otherwise each replica's momentum
+    β1·m + (1 − β1)·g_i goes through the bidirectional exchange."""
+    n, d = len(gradients[0]), gradients[0][0].size
+    length = -(-d // n)
+    worker = [np.zeros(d) for _ in range(n)]
+    server = [np.zeros(length) for _ in range(n)]
+    m, v, x = np.zeros(d), np.zeros(d), np.zeros(d)
+    variance_steps = 0
+    for t, step in enumerate(gradients, start=1):
+        full = t <= freeze or (every is not None and (t - freeze) % every == 0)
+        if full:
+            mean = np.mean(step, axis=0)
+            decay = b2 if t <= freeze else b2**every
+            m = b1 * m + (1 - b1) * mean
+            v = decay * v + (1 - decay) * mean**2
+            variance_steps += 1 if t <= freeze else every
+        else:
+            m = chunked_exchange(
+                scaled_sign, [b1 * m + (1 - b1) * g for g in step], worker, server
+            )
+        step_size = lr * np.sqrt(1 - b2**variance_steps) / (1 - b1**t)
+        x = x - step_size * m / (np.sqrt(v) + eps)
+    return x, worker, server
+
+
+@pytest.mark.parametrize("every", [None, 3])
+def test_one_bit_adam_matches_numpy_on_two_replicas(mirrored, rng, every):
+    gradients = [[rng.normal(size=11) for _ in range(2)] for _ in range(9)]
+    variables, optimizer = run(
+        mirrored,
+        lambda: tfso.OneBitAdam(
+            0.01, freeze_step=3, variance_update_every=every, compression="scaled_sign"
+        ),
+        gradients,
+    )
+    want, worker, server = reference_one_bit_adam(gradients, 0.01, 3, every)
+    got = np.concatenate([v.numpy().reshape(-1) for v in variables])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    aggregator = optimizer.communicator.aggregator
+    memories = [
+        np.concatenate(parts)
+        for parts in zip(
+            *[[r.reshape(-1) for r in m.replica_values()] for m in aggregator.memories]
+        )
+    ]
+    servers = aggregator.inner.memory.replica_values()
+    for r in range(2):
+        np.testing.assert_allclose(memories[r], worker[r], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(servers[r], server[r], rtol=1e-5, atol=1e-6)
+    for variable in variables:
+        a, b = replica_values(variable)
+        np.testing.assert_array_equal(a, b)
+    # Full precision: 3 warm-up steps (and every 3rd after when set), each
+    # one all-reduce more than the compressed exchange's two collectives.
+    full = 3 + (2 if every else 0)
+    assert optimizer.communication_stats()["rounds"] == 2 * 9 + full
+
+
+def test_one_bit_adam_alone_is_adam_then_frozen_variance():
+    x, y = regression_data(64)
+    finals = {}
+    for name, make in {
+        "adam": lambda: keras.optimizers.Adam(0.01),
+        "one_bit": lambda: tfso.OneBitAdam(0.01, freeze_step=1000),
+    }.items():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+        model.compile(optimizer=make(), loss="mse")
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        finals[name] = weights_of(model)
+    for a, b in zip(finals["adam"], finals["one_bit"]):
+        # Keras's Adam formula with its ops in another order (m + (g − m)(1 − β1)
+        # against β1·m + (1 − β1)·g, and so for v): each step's update, at most
+        # lr·(1 − β1)/√(1 − β2) ≈ 3.2·lr per weight (Kingma & Ba), differs by
+        # a few roundings (≤ 10u relative); 8 steps add up.
+        u, lr, steps = 2.0**-24, 0.01, 8
+        np.testing.assert_allclose(a, b, rtol=0, atol=steps * 3.2 * lr * 10 * u)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: tfso.CompAMS(0.01),
+        lambda: tfso.OneBitAdam(0.01, freeze_step=3, variance_update_every=4),
+    ],
+    ids=["comp_ams", "one_bit_adam"],
+)
+def test_save_load_resume_equals_uninterrupted(mirrored, tmp_path, make):
+    x, y = regression_data()
+
+    def model():
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+        net.compile(optimizer=make(), loss="mse")
+        return net
+
+    def fit(net, epochs):
+        net.fit(x[:64], y[:64], batch_size=16, epochs=epochs, verbose=0, shuffle=False)
+
+    with mirrored.scope():
+        uninterrupted, first = model(), model()
+    fit(uninterrupted, 2)
+    fit(first, 1)
+    first.save(tmp_path / "resume.keras")
+    with mirrored.scope():
+        resumed = keras.saving.load_model(tmp_path / "resume.keras")
+    memories = resumed.optimizer.communicator.aggregator.memories
+    assert any(
+        np.abs(m.replica_values()[0] - m.replica_values()[1]).max() > 0
+        for m in memories
+    )
+    fit(resumed, 1)
+    # The same ops on the same devices from the same state: equal bits.
+    for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "make, argument",
+    [
+        (lambda: tfso.CompAMS(beta1=1.0), "beta1"),
+        (lambda: tfso.CompAMS(epsilon=0.0), "epsilon"),
+        (lambda: tfso.CompAMS(compression="gzip"), "compression"),
+        (lambda: tfso.OneBitAdam(freeze_step=0), "freeze_step"),
+        (lambda: tfso.OneBitAdam(variance_update_every=0), "variance_update_every"),
+        (
+            lambda: tfso.OneBitAdam(compression_warmup_steps=5),
+            "compression_warmup_steps",
+        ),
+        (lambda: tfso.OneBitAdam(average_every=4), "average_every"),
+        (lambda: tfso.OneBitAdam(learning_rate=float("nan")), "learning_rate"),
+    ],
+)
+def test_bad_input_names_the_argument(make, argument):
+    with pytest.raises(ValueError, match=f"^`{argument}`"):
+        make()
+
+
+def test_configs_round_trip():
+    for optimizer in (
+        tfso.CompAMS(0.002, beta2=0.99, compression=tfso.compression.TopK(0.05)),
+        tfso.OneBitAdam(0.002, freeze_step=7, variance_update_every=9),
+    ):
+        clone = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+        assert type(clone) is type(optimizer)
+        assert clone.get_config() == optimizer.get_config()
+    assert keras.optimizers.get("tf_secondorder>OneBitAdam").freeze_step == 40

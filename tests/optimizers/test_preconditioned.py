@@ -1,0 +1,56 @@
+"""What Shampoo and SOAP share: layout edge cases and the root exponent."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_secondorder as tfso
+from tests.helpers import assert_root_matches_reference
+from tf_secondorder.preconditioning.layout import BlockLayout
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_zero_size_variable_is_left_alone(make):
+    variables = [
+        keras.Variable(np.zeros((0, 4), "float32")),
+        keras.Variable(np.ones((3, 4), "float32")),
+    ]
+    optimizer = make(learning_rate=0.1, precondition_frequency=1)
+    optimizer.build(variables)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        grads = [tf.zeros((0, 4)), tf.constant(rng.normal(size=(3, 4)), tf.float32)]
+        optimizer.apply_gradients(zip(grads, variables))
+    assert variables[0].shape == (0, 4)
+    assert np.isfinite(variables[1].numpy()).all()
+    assert np.abs(variables[1].numpy() - 1.0).max() > 0
+    assert int(optimizer.root_failures.numpy()) == 0
+
+
+def test_exponent_counts_only_preconditioned_axes():
+    """As scalable_shampoo's `exponent_for_preconditioner`: p = 2·(axes with
+    a factor). A matrix preconditioned on one side gets (GGᵀ)^(-1/2)."""
+    # Block size 8: no two dims merge; the 100 is cut into blocks but, being
+    # longer than 50, gets no factor.
+    layout = BlockLayout([(4, 100), (4, 6), (3, 3, 5), (7,)], 8, 50)
+    by_variable = {}
+    for factor in layout.factors:
+        by_variable.setdefault(factor.variable, set()).add(factor.exponent)
+    assert by_variable == {0: {2}, 1: {4}, 2: {6}, 3: {2}}
+    assert all(f.axis == 0 for f in layout.factors if f.variable == 0)
+    assert BlockLayout([(4, 100)], 8, 50, exponent_override=6).factors[0].exponent == 6
+
+
+def test_one_sided_root_is_an_inverse_square_root():
+    kernel = keras.Variable(np.zeros((4, 60), "float32"))
+    # Block size 64 keeps [4, 60] unmerged; 60 > 50 leaves one side alone.
+    optimizer = tfso.Shampoo(
+        block_size=64, precondition_frequency=1, max_preconditioned_dim=50, epsilon=1e-6
+    )
+    optimizer.build([kernel])
+    g = np.random.default_rng(0).normal(size=(4, 60)).astype("float32")
+    optimizer.apply_gradients([(tf.constant(g), kernel)])
+    (statistic,) = [v for v in optimizer.variables if "statistics" in v.path]
+    (root,) = [v for v in optimizer.variables if "preconditioner" in v.path]
+    assert_root_matches_reference(root.numpy(), statistic.numpy(), 2, 1e-6, "eigh")

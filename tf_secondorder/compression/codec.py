@@ -1,0 +1,132 @@
+"""The codec interface of gradient compressors, and the name registry.
+
+A compressor (codec) turns one replica's float32 tensor into *wire tensors*
+of dtypes every collective accepts (float16, bfloat16, float32, int32) and
+decodes them back. It is pure tensor maths: no collectives, no state. How the
+wires travel between replicas (all-reduce, all-gather, majority vote, the
+bidirectional exchange) is an aggregator's business (`tf_secondorder.distribute`).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_secondorder import validation
+
+_REGISTRY = {}
+
+
+def register(name):
+    """Class decorator: `compression=name` builds the class with defaults."""
+
+    def wrap(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return keras.saving.register_keras_serializable(package="tf_secondorder")(cls)
+
+    return wrap
+
+
+class Compressor:
+    """Base class of codecs. Subclasses define `encode`, `decode`, `wire_specs`.
+
+    Class attributes (what an aggregator may rely on):
+        unbiased: E[decode(encode(x))] = x, so error feedback is off by default.
+        summable: decode(Σ wires) = Σ decode(wires) (linear codes), so the
+            wires may be summed by an all-reduce instead of gathered.
+        sign_based: decode gives ±scale per element, so a majority vote of
+            the replicas' signs is meaningful.
+        carries_magnitude: the decoded values estimate the input's size (not
+            true of plain signs), so a gradient norm computed from them means
+            something (saddle escape).
+        shared_randomness: every replica must draw the same random numbers
+            (the seed then leaves out the replica id).
+        jit_compatible: encode/decode use only ops with XLA kernels, so they
+            can run as fused XLA computations.
+    """
+
+    name = None
+    unbiased = False
+    summable = False
+    sign_based = False
+    carries_magnitude = True
+    shared_randomness = False
+    jit_compatible = True
+
+    @property
+    def error_feedback_default(self):
+        """Whether error feedback is on when the user leaves it at None."""
+        return not self.unbiased
+
+    def encode(self, x, seed):
+        """Wire tensors for a float32 tensor `x`; `seed`: int64 [2]."""
+        raise NotImplementedError
+
+    def decode(self, wire, shape, seed):
+        """float32 tensor of `shape` from one replica's (or summed) wires."""
+        raise NotImplementedError
+
+    def wire_specs(self, shape):
+        """[(shape, dtype)] of the wire tensors for a tensor of `shape`."""
+        raise NotImplementedError
+
+    def wire_bytes(self, shape):
+        """Exact bytes one replica hands to collectives for a tensor of `shape`."""
+        return sum(
+            int(np.prod(s, dtype=np.int64)) * tf.as_dtype(d).size
+            for s, d in self.wire_specs(tuple(shape))
+        )
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted(self.get_config().items()))))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def num_elements(shape):
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def get(identifier, name="compression"):
+    """A compression scheme from None, a registered name, a config or an instance."""
+    if identifier is None or isinstance(identifier, tuple(_SCHEMES)):
+        return identifier
+    if isinstance(identifier, dict):
+        return keras.saving.deserialize_keras_object(identifier)
+    if isinstance(identifier, str) and identifier in _REGISTRY:
+        return _REGISTRY[identifier]()
+    validation.fail(
+        name,
+        f"None, a tfso.compression.Compressor or one of {sorted(_REGISTRY)}",
+        identifier,
+    )
+
+
+# Types `get` accepts as they are: codecs and multi-round schemes (PowerSGD).
+_SCHEMES = [Compressor]
+
+
+def register_scheme(cls):
+    """Marks a non-codec compression scheme (PowerSGD) as a valid `compression`."""
+    _SCHEMES.append(cls)
+    return cls
+
+
+def names():
+    return sorted(_REGISTRY)
+
+
+def check_ratio(ratio):
+    return validation.number("ratio", ratio, 0.0, 1.0, low_open=True)

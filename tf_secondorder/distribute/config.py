@@ -1,0 +1,282 @@
+"""The communication options of every tf_secondorder optimizer, checked once."""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from tf_secondorder import validation
+from tf_secondorder.compression import codec as codecs
+from tf_secondorder.compression.low_rank import PowerSGD
+from tf_secondorder.distribute import saddle
+
+AGGREGATIONS = ("mean", "majority_vote", "bidirectional")
+
+
+@dataclasses.dataclass(frozen=True)
+class CommunicationConfig:
+    """What the replicas of a data-parallel strategy send each other.
+
+    Every tf_secondorder optimizer and `tfso.distributed(...)` accept these
+    as keyword arguments. With one replica (no strategy) none of them sends
+    anything and training is unchanged.
+
+    Attributes:
+        compression: `None`, a name from `tfso.compression.names()`, or a
+            `tfso.compression` instance (`Compressor` or `PowerSGD`): what
+            each replica's gradient is encoded into.
+        error_feedback: `None` (on for biased compressors, and for the
+            bidirectional exchange), `True` or `False`: each replica adds
+            what its compressor dropped before to what it sends next.
+        aggregation: `"mean"`; `"majority_vote"` (sign compressors: the
+            update is the sign of the replicas' summed signs); or
+            `"bidirectional"` (the mean is compressed again on its way back,
+            with worker and server memories: O(d) bytes per replica at any
+            replica count).
+        average_every: `None`, or I >= 1 for local SGD: replicas step on
+            their own gradients and average weights and optimizer state
+            every I steps (one collective per I steps).
+        average_warmup_steps: synchronous steps before local SGD starts.
+        saddle_escape: `None` or a `tfso.SaddleEscape`: a random perturbation
+            when the gradient norm stays small (leaves strict saddles).
+        compression_warmup_steps: steps at the start whose gradients are
+            all-reduced in full precision; compression (and its memories)
+            starts after them. The compressed exchange runs during them too
+            (a graph is static), so they cost float32 bytes plus the
+            compressed ones.
+        full_precision_every: `None`, or K >= 1: after the warm-up, every
+            K-th step is also all-reduced in full precision (needs
+            `compression_warmup_steps`).
+        outer_optimizer: with `average_every`, a Keras optimizer (instance,
+            name or config) applied to the replicas' mean pseudo-gradient,
+            the weights' change since the last average (DiLoCo); `None`:
+            plain averaging.
+        average_compression: with `average_every`, a codec (name or
+            instance, e.g. `"fp16"`, `"int8"`) for the pseudo-gradients, with
+            a per-replica error-feedback memory of its own.
+    """
+
+    compression: object = None
+    error_feedback: object = None
+    aggregation: str = "mean"
+    average_every: object = None
+    average_warmup_steps: int = 0
+    saddle_escape: object = None
+    compression_warmup_steps: int = 0
+    full_precision_every: object = None
+    outer_optimizer: object = None
+    average_compression: object = None
+
+    def __post_init__(self):
+        def set_(name, value):
+            object.__setattr__(self, name, value)
+
+        set_("compression", codecs.get(self.compression))
+        set_(
+            "error_feedback",
+            validation.boolean("error_feedback", self.error_feedback, optional=True),
+        )
+        set_(
+            "aggregation",
+            validation.choice("aggregation", self.aggregation, AGGREGATIONS),
+        )
+        set_(
+            "average_every",
+            validation.integer("average_every", self.average_every, 1, optional=True),
+        )
+        set_(
+            "average_warmup_steps",
+            validation.integer("average_warmup_steps", self.average_warmup_steps, 0),
+        )
+        set_("saddle_escape", saddle.get(self.saddle_escape))
+        set_("outer_optimizer", _outer_optimizer(self.outer_optimizer))
+        set_(
+            "average_compression",
+            codecs.get(self.average_compression, "average_compression"),
+        )
+        set_(
+            "full_precision_every",
+            validation.integer(
+                "full_precision_every", self.full_precision_every, 1, optional=True
+            ),
+        )
+        set_(
+            "compression_warmup_steps",
+            validation.integer(
+                "compression_warmup_steps", self.compression_warmup_steps, 0
+            ),
+        )
+        self._check_combinations()
+
+    def _check_combinations(self):
+        compression = self.compression
+        if self.error_feedback is True and compression is None:
+            validation.fail(
+                "error_feedback", "None or False when `compression` is None", True
+            )
+        if self.aggregation == "majority_vote" and not getattr(
+            compression, "sign_based", False
+        ):
+            validation.fail(
+                "aggregation",
+                "'mean' or 'bidirectional' unless `compression` is a sign "
+                f"compressor ('sign', 'scaled_sign'); compression is {compression!r}",
+                self.aggregation,
+            )
+        if self.aggregation == "bidirectional" and (
+            compression is None
+            or isinstance(compression, PowerSGD)
+            or compression.shared_randomness
+        ):
+            validation.fail(
+                "aggregation",
+                "'mean' or 'majority_vote' unless `compression` is a codec whose "
+                "code one replica can decode alone (not None, 'powersgd' or "
+                f"'randomk'); compression is {compression!r}",
+                self.aggregation,
+            )
+        if self.compression_warmup_steps and compression is None:
+            validation.fail(
+                "compression_warmup_steps",
+                "0 when `compression` is None",
+                self.compression_warmup_steps,
+            )
+        if self.full_precision_every is not None and not self.compression_warmup_steps:
+            validation.fail(
+                "full_precision_every",
+                "None unless `compression_warmup_steps` is set",
+                self.full_precision_every,
+            )
+        if self.average_every is None:
+            for name in ("outer_optimizer", "average_compression"):
+                if getattr(self, name) is not None:
+                    validation.fail(
+                        name, "None unless `average_every` is set", getattr(self, name)
+                    )
+        if isinstance(self.average_compression, PowerSGD):
+            validation.fail(
+                "average_compression",
+                "a codec (PowerSGD needs two rounds of every step)",
+                self.average_compression,
+            )
+        if self.average_every is None and self.average_warmup_steps:
+            validation.fail(
+                "average_warmup_steps",
+                "0 unless `average_every` (local SGD) is set",
+                self.average_warmup_steps,
+            )
+        if self.average_every is not None and compression is not None:
+            validation.fail(
+                "compression",
+                "None under local SGD (`average_every` averages weights, it "
+                f"sends no gradients; average_every={self.average_every})",
+                compression,
+            )
+        if self.saddle_escape is not None and self.average_every is not None:
+            validation.fail(
+                "saddle_escape",
+                "None under local SGD (it perturbs the common weights of "
+                f"synchronous training; average_every={self.average_every})",
+                self.saddle_escape,
+            )
+        if self.saddle_escape is not None and (
+            self.aggregation == "majority_vote"
+            or not getattr(compression, "carries_magnitude", True)
+        ):
+            validation.fail(
+                "saddle_escape",
+                "None when the reduced gradient has no magnitude (majority vote "
+                f"or plain signs: its norm is always √d); compression is "
+                f"{compression!r}, aggregation is {self.aggregation!r}",
+                self.saddle_escape,
+            )
+
+    @property
+    def uses_error_feedback(self):
+        """Resolved `error_feedback`. Under majority vote the default is off:
+        the vote is Bernstein et al.'s algorithm, which has no memory."""
+        if self.compression is None:
+            return False
+        if self.error_feedback is not None:
+            return self.error_feedback
+        if self.aggregation == "bidirectional":
+            return True
+        return self.aggregation == "mean" and self.compression.error_feedback_default
+
+    def full_precision_step(self, step):
+        """Whether 1-based `step` (int32 tensor) is all-reduced in full
+        precision (the compression warm-up and every K-th step after it)."""
+        warmup = self.compression_warmup_steps
+        due = step <= warmup
+        if self.full_precision_every is not None:
+            due |= tf.equal((step - warmup) % self.full_precision_every, 0)
+        return due
+
+    @property
+    def local_sgd(self):
+        return self.average_every is not None
+
+    def get_config(self):
+        """Serializable options; a compressor with its defaults as its name."""
+        return {
+            "compression": _name_or_config(self.compression),
+            "error_feedback": self.error_feedback,
+            "aggregation": self.aggregation,
+            "average_every": self.average_every,
+            "average_warmup_steps": self.average_warmup_steps,
+            "saddle_escape": (
+                None if self.saddle_escape is None else self.saddle_escape.get_config()
+            ),
+            "compression_warmup_steps": self.compression_warmup_steps,
+            "full_precision_every": self.full_precision_every,
+            "outer_optimizer": (
+                None
+                if self.outer_optimizer is None
+                else keras.optimizers.serialize(self.outer_optimizer)
+            ),
+            "average_compression": _name_or_config(self.average_compression),
+        }
+
+    @classmethod
+    def pop_from(cls, kwargs, **defaults):
+        """The config made of the options in `kwargs` (removed from it), the
+        given `defaults` standing in for the options not there."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        options = {**defaults}
+        for name in names:
+            if name in kwargs:
+                options[name] = kwargs.pop(name)
+        return cls(**options)
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(CommunicationConfig))
+
+
+def _name_or_config(compression):
+    """A compressor with its defaults as its name, else its Keras config."""
+    if compression is None:
+        return None
+    name = getattr(type(compression), "name", None)
+    if name is not None and compression == type(compression)():
+        return name
+    return keras.saving.serialize_keras_object(compression)
+
+
+def _outer_optimizer(identifier):
+    if identifier is None:
+        return None
+    if isinstance(identifier, (str, dict)):
+        identifier = keras.optimizers.get(identifier)
+    from tf_secondorder.compat.optimizer_step import KerasStepHooks
+
+    if (
+        not isinstance(identifier, keras.optimizers.Optimizer)
+        or isinstance(identifier, KerasStepHooks)
+        or identifier.built
+    ):
+        validation.fail(
+            "outer_optimizer",
+            "None or an unbuilt plain Keras optimizer (instance, name or config)",
+            identifier,
+        )
+    return identifier

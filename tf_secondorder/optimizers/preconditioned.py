@@ -1,0 +1,253 @@
+"""What Shampoo and SOAP share: blocked Kronecker statistics and their refresh.
+
+Both keep, for every block of every parameter, one statistic per preconditioned
+axis (S ← β·S + (1 − β)·G_(i) G_(i)ᵀ, from the reduced gradient), and every
+N steps replace one or more tensors per statistic (Shampoo: an inverse root;
+SOAP: an eigenbasis and the order of its columns). The update runs in
+cross-replica context (after Keras's merge_call), so the refresh's `tf.cond`
+may hold the all_gather that splits the refresh across replicas.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_secondorder import validation
+from tf_secondorder.distribute import sharding
+from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
+from tf_secondorder.preconditioning import kronecker
+from tf_secondorder.preconditioning.layout import BlockLayout
+
+STATISTICS_DTYPES = (None, "float32", "bfloat16")
+DISTRIBUTE_ROOTS = ("auto", True, False)
+
+
+class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer):
+    """Base of Shampoo and SOAP.
+
+    Subclasses pass the shared options below to `__init__`, define
+    `statistics_beta`, `start_step`, `refresh_specs`, `refresh` and
+    `store_refreshed`, add their own slots in `build` after `super().build`,
+    and implement `update_step`.
+
+    Args:
+        block_size, precondition_frequency, start_preconditioning_step,
+        statistics_frequency, max_preconditioned_dim, statistics_dtype,
+        distribute_roots: as documented by Shampoo and SOAP.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size,
+        precondition_frequency,
+        start_preconditioning_step,
+        statistics_frequency,
+        max_preconditioned_dim,
+        statistics_dtype,
+        distribute_roots,
+        **kwargs,
+    ):
+        options = {
+            "block_size": validation.size("block_size", block_size),
+            "precondition_frequency": validation.integer(
+                "precondition_frequency", precondition_frequency, 1
+            ),
+            "start_preconditioning_step": validation.integer(
+                "start_preconditioning_step",
+                start_preconditioning_step,
+                1,
+                optional=True,
+            ),
+            "statistics_frequency": validation.integer(
+                "statistics_frequency", statistics_frequency, 1
+            ),
+            "max_preconditioned_dim": validation.size(
+                "max_preconditioned_dim", max_preconditioned_dim, optional=True
+            ),
+            "statistics_dtype": validation.choice(
+                "statistics_dtype", statistics_dtype, STATISTICS_DTYPES
+            ),
+            "distribute_roots": validation.choice(
+                "distribute_roots", distribute_roots, DISTRIBUTE_ROOTS
+            ),
+        }
+        if distribute_roots is True and kwargs.get("average_every") is not None:
+            validation.fail(
+                "distribute_roots",
+                "'auto' or False under local SGD (`average_every`): roots "
+                "shared across replicas need common statistics, and each "
+                "replica has its own",
+                True,
+            )
+        super().__init__(**kwargs)
+        for name, value in options.items():
+            setattr(self, name, value)
+
+    @property
+    def root_failures(self):
+        """Refreshed matrices rejected so far (a variable saved with the state)."""
+        return self._root_failures
+
+    @property
+    def statistics_beta(self):
+        raise NotImplementedError
+
+    @property
+    def start_step(self):
+        raise NotImplementedError
+
+    def make_layout(self, var_list):
+        return BlockLayout(
+            [v.shape for v in var_list],
+            self.block_size,
+            self.max_preconditioned_dim,
+            dtypes=[compute_dtype(v) for v in var_list],
+        )
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._layout = self.make_layout(var_list)
+        self._statistics = [
+            self.add_variable(
+                (factor.size, factor.size),
+                initializer="zeros",
+                dtype=self.statistics_dtype or factor.dtype,
+                name=slot_name(var_list[factor.variable], f"statistics_{factor.tag}"),
+            )
+            for factor in self._layout.factors
+        ]
+        self._root_failures = self.add_variable(
+            (),
+            initializer="zeros",
+            dtype="int64",
+            name="root_failures",
+            aggregation="only_first_replica",
+        )
+
+    def step_number(self):
+        # int32: modular arithmetic on int64 is not available on TPU.
+        return tf.cast(self.iterations, tf.int32) + 1
+
+    # -- the update of all variables (cross-replica context) ---------------
+
+    def update_variables(self, distribution, grads_and_vars, learning_rate):
+        """Statistics, then (on refresh steps) the refresh, then each variable."""
+        number = self.step_number()
+
+        def update_statistics():
+            for grad, var in grads_and_vars:
+                distribution.extended.update(
+                    var, self._update_statistics, args=(grad,), group=False
+                )
+
+        if self.statistics_frequency == 1:
+            update_statistics()
+        else:
+            tf.cond(number % self.statistics_frequency == 0, update_statistics, no_op)
+        since_start = number - self.start_step
+        due = (since_start >= 0) & (since_start % self.precondition_frequency == 0)
+        tf.cond(due, lambda: self._refresh(distribution), no_op)
+        self.keras_update_variables(distribution, grads_and_vars, learning_rate)
+
+    def _update_statistics(self, variable, gradient):
+        plan = self._layout.plans[self._get_variable_index(variable)]
+        if not plan.factors:
+            return
+        stats = [self._statistics[f.index] for f in plan.factors]
+        values = kronecker.updated_statistics(
+            plan,
+            self.statistics_beta,
+            dense(gradient, variable),
+            [read(s) for s in stats],
+            self.step_number(),
+        )
+        for stat, value in zip(stats, values):
+            self.assign(stat, value)
+
+    # -- the refresh --------------------------------------------------------
+
+    def refresh_specs(self, factor):
+        """((shape, dtype), ...) of what `refresh` returns for one factor."""
+        raise NotImplementedError
+
+    def refresh(self, factor_indices):
+        """(dict factor index -> tuple of tensors, int count rejected). A
+        rejected factor's tensors must equal what it holds now. Runs on one
+        replica's device."""
+        raise NotImplementedError
+
+    def store_refreshed(self, results):
+        """Assigns the refreshed tensors (a list over all factors)."""
+        raise NotImplementedError
+
+    def _refresh(self, distribution):
+        factors = self._layout.factors
+        everything = list(range(len(factors)))
+        if not factors:
+            return
+        if self.communicator.averages_locally(distribution):
+            # Local SGD: each replica refreshes from its own statistics.
+            # Inside `extended.update` reads and assignments of mirrored
+            # variables act on the replica being updated.
+            def own_refresh(_):
+                self._store(*self.refresh(everything))
+
+            distribution.extended.update(
+                self._statistics[0].value, own_refresh, group=False
+            )
+        elif not sharding.splits_work(distribution, self.distribute_roots):
+            self._store(*self.refresh(everything))
+        else:
+            shares = sharding.greedy_partition(
+                [sharding.root_cost(f.size) for f in factors],
+                distribution.num_replicas_in_sync,
+            )
+            specs = {i: self.refresh_specs(factors[i]) for i in everything}
+            results, failures = sharding.run_sharded(
+                distribution, shares, specs, self.refresh
+            )
+            self._store(results, failures)
+
+    def _store(self, results, failures):
+        self.store_refreshed([results[i] for i in range(len(self._layout.factors))])
+        self._root_failures.assign_add(tf.cast(failures, tf.int64))
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "block_size": self.block_size,
+                "precondition_frequency": self.precondition_frequency,
+                "start_preconditioning_step": self.start_preconditioning_step,
+                "statistics_frequency": self.statistics_frequency,
+                "max_preconditioned_dim": self.max_preconditioned_dim,
+                "statistics_dtype": self.statistics_dtype,
+                "distribute_roots": self.distribute_roots,
+            }
+        )
+        return config
+
+
+def compute_dtype(variable):
+    """float64 for float64 models, float32 otherwise (also under mixed precision)."""
+    return "float64" if variable.dtype == "float64" else "float32"
+
+
+def read(variable):
+    """The variable's value as a tensor (Keras variable arithmetic would round
+    Python-float coefficients through floatx)."""
+    return tf.convert_to_tensor(variable)
+
+
+def dense(gradient, variable):
+    """The gradient as a dense tensor of the variable's dtype and static shape
+    (embedding gradients arrive as tf.IndexedSlices)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.reshape(tf.convert_to_tensor(gradient), variable.shape)
+    return tf.cast(gradient, variable.dtype)
+
+
+def no_op():
+    return None
