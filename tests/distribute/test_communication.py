@@ -11,21 +11,11 @@ from tests.helpers import mlp, regression_data, replica_values, weights_of
 
 C = tfso.compression
 
-# Every compressor, for the integration checks in model.fit.
-COMPRESSORS = [
-    "fp16",
-    "bf16",
-    C.ScaledSign(),
-    C.Sign(),
-    "qsgd",
-    "terngrad",
-    "natural",
-    C.Natural(levels=4),
-    C.TopK(ratio=0.25),
-    C.RandomK(ratio=0.25),
-    C.PowerSGD(rank=2),
-    "int8",
-]
+# One compressor of each path through model.fit: an all-reduced cast, a
+# gathered sign with error feedback, per-replica random draws, draws shared
+# by the replicas (no XLA kernel), two rounds with state. Every codec's
+# maths is checked in test_compressors.py, every protocol there and below.
+COMPRESSORS = ["fp16", C.Sign(), "qsgd", C.RandomK(ratio=0.25), C.PowerSGD(rank=2)]
 
 
 def _fit(strategy, optimizer_fn, epochs=10, x=None, y=None, callbacks=()):
@@ -196,7 +186,8 @@ def test_shampoo_compresses_and_replicas_stay_identical(mirrored):
     assert not optimizer.communication.uses_error_feedback  # qsgd is unbiased
 
 
-@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "Lion", "Muon"])
+# Adam: moments; SGD: momentum; Muon: its own weight decay and update rule.
+@pytest.mark.parametrize("name", ["Adam", "SGD", "Muon"])
 def test_keras_optimizers_train_through_distributed(mirrored, name):
     make = getattr(keras.optimizers, name)
     rate = {"SGD": 0.1, "Lion": 0.001}.get(name, 0.01)

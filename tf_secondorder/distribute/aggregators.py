@@ -64,6 +64,17 @@ class OneRound(Aggregator):
         )
 
     @functools.cached_property
+    def _encode_with_memory(self):
+        def encode(inputs, memories, seeds):
+            sums = [x + e for x, e in zip(inputs, memories)]
+            wires, sent = self.encode(sums, seeds)
+            return wires, [p - s for p, s in zip(sums, sent)]
+
+        return tf.function(
+            encode, jit_compile=self.codec.jit_compatible, autograph=False
+        )
+
+    @functools.cached_property
     def _combine(self):
         return tf.function(
             self.combine, jit_compile=self.codec.jit_compatible, autograph=False
@@ -86,10 +97,21 @@ class OneRound(Aggregator):
     def reduce(self, channel, inputs, keys, step):
         seeds = [stream_seed(self.codec, channel, k, step) for k in keys]
         wires, sent = self._encode(inputs, seeds)
+        return self._exchange_and_combine(channel, wires, inputs, seeds), sent
+
+    def reduce_with_memory(self, channel, inputs, memories, keys, step):
+        """`reduce` of inputs + memories, with the new memories: the addition,
+        the encoding and the residual in one fused computation (error
+        feedback's fast path; at millions of parameters each unfused pass
+        costs about what a 1-bit exchange does on 1 Gbit/s)."""
+        seeds = [stream_seed(self.codec, channel, k, step) for k in keys]
+        wires, residuals = self._encode_with_memory(inputs, memories, seeds)
+        return self._exchange_and_combine(channel, wires, inputs, seeds), residuals
+
+    def _exchange_and_combine(self, channel, wires, inputs, seeds):
         received = self.exchange(channel, wires)
         shapes = [tuple(x.shape) for x in inputs]
-        aggregates = self._combine(received, shapes, seeds, channel.num_replicas)
-        return aggregates, sent
+        return self._combine(received, shapes, seeds, channel.num_replicas)
 
 
 class AllReduceMean(OneRound):

@@ -13,7 +13,7 @@ were finite on every replica (`Channel.commit`).
 
 import tensorflow as tf
 
-from tf_secondorder.distribute.aggregators import Aggregator
+from tf_secondorder.distribute.aggregators import Aggregator, OneRound
 
 
 class ErrorFeedback(Aggregator):
@@ -29,8 +29,16 @@ class ErrorFeedback(Aggregator):
 
     def reduce(self, channel, inputs, keys, step):
         memories = [self.memories[k] for k in keys]
-        inputs = [x + tf.convert_to_tensor(e) for x, e in zip(inputs, memories)]
-        aggregates, sent = self.inner.reduce(channel, inputs, keys, step)
-        for memory, p, s in zip(memories, inputs, sent):
-            channel.commit(memory, p - s)
-        return aggregates, sent
+        values = [tf.convert_to_tensor(e) for e in memories]
+        if isinstance(self.inner, OneRound):
+            aggregates, residuals = self.inner.reduce_with_memory(
+                channel, inputs, values, keys, step
+            )
+        else:
+            sums = [x + e for x, e in zip(inputs, values)]
+            aggregates, sent = self.inner.reduce(channel, sums, keys, step)
+            residuals = [p - s for p, s in zip(sums, sent)]
+        for memory, residual in zip(memories, residuals):
+            channel.commit(memory, residual)
+        # Nothing wraps error feedback, so what was sent is not returned.
+        return aggregates, None
