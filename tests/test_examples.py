@@ -71,26 +71,15 @@ def test_mnist_shampoo_example_falls_back_to_digits_offline():
 
 @pytest.mark.slow
 def test_compressed_multiworker_example_under_launch():
+    """With its defaults (1-bit Adam, 5 epochs) the example reaches the
+    uncompressed model's held-out accuracy within 1 point (360 examples:
+    a point is 3.6 of them), sending under 1/16 of float32 per step once
+    the variance is frozen."""
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     script = os.path.join(ROOT, "examples", "compressed_multiworker.py")
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tf_secondorder.cli",
-            "launch",
-            "--workers",
-            "2",
-            "--timeout",
-            "240",
-            "--",
-            sys.executable,
-            script,
-            "--epochs",
-            "1",
-            "--steps-per-epoch",
-            "10",
-        ],
+        [sys.executable, "-m", "tf_secondorder.cli", "launch", "--workers", "2"]
+        + ["--timeout", "240", "--", sys.executable, script, "--compare"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -99,11 +88,21 @@ def test_compressed_multiworker_example_under_launch():
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
-    line = next(x for x in out.splitlines() if "held-out accuracy" in x)
-    assert "replicas 2, compression sign" in line
-    sent = int(line.split("bytes per replica per step ")[1].split()[0])
-    float32 = int(line.split("(float32: ")[1].rstrip(")"))
-    assert 0 < sent < float32 / 20  # 1 bit per parameter, plus padding
+    lines = [x for x in out.splitlines() if "held-out accuracy" in x]
+    assert len(lines) == 2, out[-3000:]
+    (reference,) = [x for x in lines if "compression float32" in x]
+    (compressed,) = [x for x in lines if "compression default" in x]
+    assert "replicas 2, one_bit_adam" in compressed
+
+    def number(line, before):
+        return float(line.split(before)[1].split()[0].rstrip(",)"))
+
+    accuracy = number(compressed, "held-out accuracy ")
+    assert accuracy >= number(reference, "held-out accuracy ") - 0.01, lines
+    assert accuracy > 0.9
+    sent = number(compressed, "bytes per replica per step ")
+    float32 = number(compressed, "(float32: ")
+    assert 0 < sent < float32 / 16
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def worker(args):
     import tf_secondorder as tfso
     from tf_secondorder.compat.trainer import worker_index
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = tfso.distribute.multi_worker_strategy()
     index = worker_index(strategy)
     digits = load_digits()
     x = (digits.data / 16.0).astype("float32")

@@ -14,13 +14,13 @@ import argparse
 import json
 import os
 
-from tf_secondorder.bench import runner, tasks
-from tf_secondorder.cli import _parse_options
+from tf_secondorder.bench import report, runner, tasks
+from tf_secondorder.bench.arguments import parse_options
 
 
 def parse_variant(text):
     """ "a=1,b=x" -> {"a": 1, "b": "x"} (values parsed as JSON where they can be)."""
-    return _parse_options(filter(None, (t.strip() for t in text.split(","))))
+    return parse_options(filter(None, (t.strip() for t in text.split(","))))
 
 
 def main(argv=None):
@@ -41,11 +41,11 @@ def main(argv=None):
     variants = [parse_variant(v) for v in args.variant or [""]]
     adam = runner.run(task, "adam", args.adam_lr, seed=args.seed, verbose=0)
     target = args.target if args.target is not None else adam["final_loss"]
-    base_steps, base_seconds = runner.steps_and_seconds_to(adam, target)
+    base_steps, base_seconds = report.steps_and_seconds_to(adam, target)
     rows = []
     for options in variants:
         r = runner.run(task, "shampoo", args.lr, options, seed=args.seed, verbose=0)
-        steps, seconds = runner.steps_and_seconds_to(r, target)
+        steps, seconds = report.steps_and_seconds_to(r, target)
         r.update(
             variant=options,
             steps_to_target=steps,

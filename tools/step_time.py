@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from tf_secondorder.bench import runner, tasks  # noqa: E402
-from tf_secondorder.cli import _parse_options  # noqa: E402
+from tf_secondorder.bench.arguments import parse_options  # noqa: E402
 
 
 def main():
@@ -34,7 +34,7 @@ def main():
     task = tasks.get_task(args.task)
     batches = iter(task.make_dataset(0))
     pool = [next(batches) for _ in range(args.steps)]
-    options = _parse_options(args.shampoo_option)
+    options = parse_options(args.shampoo_option)
     runs = {}
     for name in ("adam", "shampoo"):
         model = task.make_model(0)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tf_secondorder import cli
-from tf_secondorder.bench import runner, tasks
+from tf_secondorder.bench import arguments, report, runner, tasks
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ BAD_BENCH_ARGUMENTS = [
     (["--optimizers", " , "], "`optimizers` must be a comma-separated list"),
     (["--optimizers", "adam,,shampoo"], "`optimizers` must be .* without empty"),
     (["--optimizers", "adam,adam"], "`optimizers` must be distinct names"),
-    (["--optimizers", "adagrad"], "`optimizers` entries must be one of"),
+    (["--optimizers", "adagrad"], "`optimizers` must be entries among"),
     (["--lrs", "nan"], "`lrs` must be comma-separated finite numbers > 0"),
     (["--lrs", "1e-3,inf"], "`lrs` must be .*finite.*'inf'"),
     (["--lrs", "0"], "`lrs` must be"),
@@ -65,7 +65,7 @@ def test_bad_bench_arguments_are_named_before_any_work(no_work, extra, match):
 
 
 def test_shampoo_options_take_every_shampoo_argument():
-    options = cli._parse_options(
+    options = arguments.parse_options(
         ["precondition_frequency=20", "grafting=sgd", "compression=bf16"]
     )
     assert options == {
@@ -73,7 +73,7 @@ def test_shampoo_options_take_every_shampoo_argument():
         "grafting": "sgd",
         "compression": "bf16",
     }
-    accepted = cli._shampoo_arguments()
+    accepted = arguments.shampoo_arguments()
     # Keras's own optimizer arguments and the communication options too.
     assert {"weight_decay", "clipnorm", "average_every"} <= set(accepted)
     assert "learning_rate" not in accepted
@@ -94,13 +94,13 @@ def test_out_must_be_a_directory(no_work, tmp_path):
 
 
 def test_eval_every_defaults_to_a_divisor_of_steps():
-    assert cli._schedule("digits-ae", None, None) == (2000, 50, None)
-    assert cli._schedule("digits-ae", 100, None)[:2] == (100, 50)
-    assert cli._schedule("digits-ae", 30, None)[:2] == (30, 30)
-    steps, every, note = cli._schedule("digits-ae", 120, None)
+    assert arguments.schedule("digits-ae", None, None) == (2000, 50, None)
+    assert arguments.schedule("digits-ae", 100, None)[:2] == (100, 50)
+    assert arguments.schedule("digits-ae", 30, None)[:2] == (30, 30)
+    steps, every, note = arguments.schedule("digits-ae", 120, None)
     assert (steps, every) == (120, 40) and "every 40 steps" in note
-    assert cli._schedule("pydoc-lm", 300, None)[:2] == (300, 100)
-    assert cli._schedule("digits-ae", 120, 60) == (120, 60, None)
+    assert arguments.schedule("pydoc-lm", 300, None)[:2] == (300, 100)
+    assert arguments.schedule("digits-ae", 120, 60) == (120, 60, None)
 
 
 @pytest.fixture(scope="module")
@@ -232,10 +232,10 @@ def test_repeats_interleave_and_report_median_and_spread(data_dir, tmp_path, cap
 
 
 def test_spread_counts_a_run_that_never_reached_the_target_as_slowest():
-    stats = runner.spread([0.5, None, 0.4], missing_is_infinite=True)
+    stats = report.spread([0.5, None, 0.4], missing_is_infinite=True)
     assert stats["median"] == 0.5 and stats["min"] == 0.4 and stats["max"] is None
-    assert runner.spread([None, None], missing_is_infinite=True)["median"] is None
-    assert runner.spread([1.0, None])["median"] == 1.0
+    assert report.spread([None, None], missing_is_infinite=True)["median"] is None
+    assert report.spread([1.0, None])["median"] == 1.0
 
 
 @pytest.mark.parametrize(

@@ -204,7 +204,7 @@ def main():
     args = parser.parse_args()
 
     apply_test_thread_setting()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    strategy = tfso.distribute.multi_worker_strategy()
     index = _worker_index(strategy)
     workers = int(os.environ.get("TFSO_NUM_WORKERS", "1"))
     attempt = int(os.environ.get("TFSO_RESTART", "0"))

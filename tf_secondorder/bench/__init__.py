@@ -1,1 +1,3 @@
-"""Benchmarks behind `tf-secondorder bench`: tasks, the runner, TFDS builders."""
+"""Benchmarks behind `tf-secondorder bench`: tasks (`tasks`, TFDS builders in
+`tfds_builders`), argument checks (`arguments`), training runs (`runner`)
+and the table, ratios and plots (`report`)."""

@@ -8,11 +8,13 @@
 - `local_sgd`, `saddle`: pieces of the cross-replica step;
 - `sharding`: splitting independent work (roots) across replicas;
 - `wrapping`: `tfso.distributed` for any Keras optimizer;
-- `launch`: worker processes on 127.0.0.1 for MultiWorkerMirroredStrategy.
+- `launch`: worker processes on 127.0.0.1 for MultiWorkerMirroredStrategy;
+- `cluster`: `multi_worker_strategy`, one that survives slow networks.
 
 The codecs themselves are in `tf_secondorder.compression`.
 """
 
+from tf_secondorder.distribute.cluster import multi_worker_strategy
 from tf_secondorder.distribute.config import CommunicationConfig
 
-__all__ = ["CommunicationConfig"]
+__all__ = ["CommunicationConfig", "multi_worker_strategy"]

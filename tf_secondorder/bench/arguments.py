@@ -1,0 +1,243 @@
+"""Reads and checks the `tf-secondorder bench` arguments.
+
+Every check raises UsageError naming the argument, so that a bad value stops
+the command before the first run starts rather than partway through the grid.
+"""
+
+import json
+import math
+import os
+
+
+class UsageError(ValueError):
+    """An invalid command-line argument, found before any work starts.
+
+    `cli.console` (the `tf-secondorder` command) prints it and exits with
+    code 2; `cli.main` raises it, so callers see a ValueError naming the
+    argument.
+    """
+
+
+def usage_error(name, expected, received):
+    return UsageError(f"`{name}` must be {expected}; received {received}")
+
+
+def shampoo_arguments():
+    """Names tfso.Shampoo accepts: the named arguments of every `__init__` its
+    keyword arguments reach (down to Keras's optimizer) and the communication
+    options (the fields of the package's CommunicationConfig dataclass)."""
+    import dataclasses
+    import inspect
+
+    import tf_secondorder as tfso
+
+    names = set()
+    for cls in inspect.getmro(tfso.Shampoo):
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
+        for p in parameters:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                names.add(p.name)
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break  # keywords are not passed on past this class
+    config = getattr(tfso, "CommunicationConfig", None)
+    if config is not None and dataclasses.is_dataclass(config):
+        names.update(f.name for f in dataclasses.fields(config))
+    # The learning rate comes from --lrs; "self" and "name" are not options.
+    return sorted(names - {"self", "learning_rate", "name"})
+
+
+def parse_options(pairs):
+    """`KEY=VALUE` strings -> {key: JSON value (or the string)}, keys checked."""
+    import difflib
+
+    options = {}
+    accepted = None
+    for pair in pairs or []:
+        key, equals, value = pair.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise usage_error(
+                "shampoo_option",
+                "KEY=VALUE (e.g. precondition_frequency=50)",
+                repr(pair),
+            )
+        if accepted is None:
+            accepted = shampoo_arguments()
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            learning_rate = (
+                " (learning rates come from --lrs)" if key == "learning_rate" else ""
+            )
+            raise usage_error(
+                "shampoo_option",
+                f"KEY=VALUE with KEY an argument of tfso.Shampoo: {accepted}",
+                f"{key!r}{hint}{learning_rate}",
+            )
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _parse_optimizers(text):
+    from tf_secondorder.bench import runner
+
+    names = [n.strip() for n in text.split(",")]
+    if not any(names):
+        raise usage_error(
+            "optimizers",
+            "a comma-separated list of optimizer names, e.g. adam,shampoo",
+            repr(text),
+        )
+    for name in names:
+        if not name:
+            raise usage_error(
+                "optimizers", "comma-separated names without empty entries", repr(text)
+            )
+        try:
+            runner.parse_name(name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise usage_error(
+            "optimizers",
+            "distinct names (use --repeats to run one several times)",
+            f"{text!r}, which repeats {repeated}",
+        )
+    return names
+
+
+def _parse_lrs(text):
+    expected = "comma-separated finite numbers > 0, e.g. 1e-3,3e-3"
+    lrs = []
+    for entry in text.split(","):
+        try:
+            lr = float(entry)
+        except ValueError:
+            raise usage_error("lrs", expected, f"{text!r}") from None
+        if not math.isfinite(lr) or lr <= 0:
+            raise usage_error("lrs", expected, f"{text!r} (entry {entry.strip()!r})")
+        lrs.append(lr)
+    if len(set(lrs)) < len(lrs):
+        raise usage_error("lrs", "distinct learning rates", repr(text))
+    return lrs
+
+
+def _largest_divisor_up_to(steps, limit):
+    return max(d for d in range(1, min(steps, limit) + 1) if steps % d == 0)
+
+
+def schedule(task_name, steps, eval_every):
+    """(steps, eval_every, note): checked, with eval_every's default filled in.
+
+    `eval_every` defaults to the task's own interval when it divides `steps`,
+    else to the largest divisor of `steps` below that interval, so that
+    exactly `steps` steps are trained and the last one is evaluated.
+    """
+    from tf_secondorder.bench import tasks
+
+    default_steps, default_every = tasks.default_schedule(task_name)
+    if steps is None:
+        steps = default_steps
+    if steps < 2:
+        raise usage_error(
+            "steps",
+            "an integer >= 2 (step 1 traces the train step and is left out of "
+            "the step-time statistics)",
+            steps,
+        )
+    if eval_every is not None:
+        if not 1 <= eval_every <= steps or steps % eval_every:
+            raise UsageError(
+                "`eval_every` must be an integer between 1 and the number of "
+                f"steps ({steps}) that divides it; received eval_every={eval_every}"
+            )
+        return steps, eval_every, None
+    every = _largest_divisor_up_to(steps, default_every)
+    note = None
+    if every != default_every:
+        note = (
+            f"evaluating every {every} steps: the largest divisor of --steps "
+            f"{steps} up to {task_name}'s {default_every} (set --eval-every to "
+            "choose)"
+        )
+    return steps, every, note
+
+
+def check_bench_args(args):
+    """Every check that needs no data and no TensorFlow device; raises UsageError."""
+    from tf_secondorder.bench import tasks
+
+    try:
+        tasks.check_name(args.task)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.replicas < 1:
+        raise usage_error("replicas", "an integer >= 1", args.replicas)
+    if args.repeats < 1:
+        raise usage_error("repeats", "an integer >= 1", args.repeats)
+    if args.verbose not in (0, 1, 2):
+        raise usage_error("verbose", "0, 1 or 2", args.verbose)
+    names = _parse_optimizers(args.optimizers)
+    lrs = _parse_lrs(args.lrs) if args.lrs is not None else None
+    steps, eval_every, note = schedule(args.task, args.steps, args.eval_every)
+    options = parse_options(args.shampoo_option)
+    if options and not any(n.split("+")[0] == "shampoo" for n in names):
+        raise usage_error(
+            "shampoo_option",
+            "given only when `optimizers` includes shampoo",
+            f"{args.shampoo_option} with optimizers={args.optimizers!r}",
+        )
+    for name, path in (("out", args.out), ("data_dir", args.data_dir)):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise usage_error(name, "a directory", f"{path!r}, which is a file")
+    return names, lrs, steps, eval_every, note, options
+
+
+def check_optimizers(names, lrs, options, strategy):
+    """Builds every configuration's optimizer once, so that a bad option value
+    fails here, before the first run, rather than when its run starts."""
+    from tf_secondorder.bench import runner
+
+    with strategy.scope() if strategy is not None else runner._no_scope():
+        for name in names:
+            shampoo = name.split("+")[0] == "shampoo"
+            for lr in lrs:
+                try:
+                    runner.make_optimizer(name, lr, options if shampoo else None)
+                except (ValueError, TypeError) as e:
+                    argument = "shampoo_option" if shampoo and options else "lrs"
+                    raise UsageError(
+                        f"`{argument}`: {name} at learning rate {lr:g} with "
+                        f"{options if shampoo else {}} is rejected: {e}"
+                    ) from None
+
+
+def logical_strategy(replicas):
+    """A MirroredStrategy over `replicas` logical CPUs (or all GPUs if as many)."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) >= replicas:
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(replicas)])
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
+    except RuntimeError:
+        pass  # TensorFlow already initialised: use the logical CPUs it has
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < replicas:
+        raise usage_error(
+            "replicas",
+            f"at most the {len(devices)} CPU devices TensorFlow was already "
+            "initialised with",
+            replicas,
+        )
+    return tf.distribute.MirroredStrategy(devices[:replicas])
