@@ -1,7 +1,7 @@
 """Shampoo setting variants against Adam on one task, in one process.
 
 Each `--variant` is a comma-separated list of Shampoo arguments applied on top
-of the benchmark settings (`BENCH_SHAMPOO`); Adam runs first at `--adam-lr`
+of the library defaults; Adam runs first at `--adam-lr`
 and sets the target (its final loss) unless `--target` is given (e.g. the
 best Adam of a full `tf-secondorder bench` grid). Prints steps-to-target,
 median step time and time-to-target as ratios to that Adam run.

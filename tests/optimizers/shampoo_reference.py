@@ -44,11 +44,11 @@ class NumpyShampoo:
         learning_rate=1e-2,
         beta1=0.9,
         beta2=0.999,
-        epsilon=1e-12,
-        block_size=1024,
+        epsilon=1e-6,
+        block_size=256,
         precondition_frequency=100,
         start_preconditioning_step=None,
-        statistics_frequency=1,
+        statistics_frequency=5,
         grafting="adam",
         grafting_epsilon=1e-8,
         nesterov=False,
@@ -108,7 +108,9 @@ class NumpyShampoo:
         t = self.t
         finite = [np.all(np.isfinite(g)) for g in grads]
         for st, g, ok in zip(self.params, grads, finite):
-            if not ok or not st["stats"] or t % self.stat_freq:
+            # Statistics every step up to the first refresh, then every
+            # `statistics_frequency` steps.
+            if not ok or not st["stats"] or (t > self.start and t % self.stat_freq):
                 continue
             gm = g.reshape(st["merged"])
             for (b, a), s in st["stats"].items():

@@ -246,7 +246,7 @@ def test_nan_gradient_leaves_weights_and_state_unchanged():
 
 def test_failed_root_keeps_previous_preconditioner_and_counts():
     variables = [keras.Variable(np.ones((4, 3), "float32"))]
-    opt = tfso.Shampoo(precondition_frequency=2, block_size=4)
+    opt = tfso.Shampoo(precondition_frequency=2, block_size=4, statistics_frequency=1)
     rng = np.random.default_rng(0)
     opt.apply([tf.constant(rng.normal(size=(4, 3)), tf.float32)], variables)
     opt.apply([tf.constant(rng.normal(size=(4, 3)), tf.float32)], variables)  # refresh

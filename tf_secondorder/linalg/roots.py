@@ -119,7 +119,7 @@ def _screen_non_finite(matrices):
     return safe, finite
 
 
-@tf.function(reduce_retracing=True)
+@tf.function(reduce_retracing=True, autograph=False)
 def _eigh_root(matrices, p, epsilon):
     a, finite = _screen_non_finite(matrices)
     a = 0.5 * (a + tf.linalg.matrix_transpose(a))
@@ -176,7 +176,7 @@ def _matrix_power(m, p):
     return result
 
 
-@tf.function(jit_compile=True, reduce_retracing=True)
+@tf.function(jit_compile=True, reduce_retracing=True, autograph=False)
 def _coupled_newton_root(matrices, p, epsilon, max_iterations):
     dtype = matrices.dtype
     a, finite = _screen_non_finite(matrices)

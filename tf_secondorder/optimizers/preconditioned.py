@@ -133,38 +133,66 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     # -- the update of all variables (cross-replica context) ---------------
 
     def update_variables(self, distribution, grads_and_vars, learning_rate):
-        """Statistics, then (on refresh steps) the refresh, then each variable."""
+        """Statistics, then (on refresh steps) the refresh, then every variable.
+
+        The per-step work runs once per replica inside `extended.update`,
+        where reads and assignments of mirrored variables act on that
+        replica: all variables together, so blocks of equal shape from any
+        variables share one batched op.
+        """
         number = self.step_number()
+        grads = [g for g, _ in grads_and_vars]
+        variables = [v for _, v in grads_and_vars]
+        anchor = variables[0]
+        if isinstance(anchor, keras.Variable):
+            anchor = anchor.value
 
-        def update_statistics():
-            for grad, var in grads_and_vars:
-                distribution.extended.update(
-                    var, self._update_statistics, args=(grad,), group=False
-                )
+        def on_each_replica(fn):
+            distribution.extended.update(
+                anchor, lambda _, own: fn(own), args=(grads,), group=False
+            )
 
+        update_statistics = lambda: on_each_replica(  # noqa: E731
+            lambda own: self._update_statistics(own, variables)
+        )
         if self.statistics_frequency == 1:
             update_statistics()
         else:
-            tf.cond(number % self.statistics_frequency == 0, update_statistics, no_op)
+            # Every step up to the first refresh, so that the first roots see
+            # every early gradient; then every `statistics_frequency` steps.
+            tf.cond(
+                (number <= self.start_step) | (number % self.statistics_frequency == 0),
+                update_statistics,
+                no_op,
+            )
         since_start = number - self.start_step
         due = (since_start >= 0) & (since_start % self.precondition_frequency == 0)
         tf.cond(due, lambda: self._refresh(distribution), no_op)
-        self.keras_update_variables(distribution, grads_and_vars, learning_rate)
+        on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
 
-    def _update_statistics(self, variable, gradient):
-        plan = self._layout.plans[self._get_variable_index(variable)]
-        if not plan.factors:
+    def update_all(self, grads, variables, learning_rate):
+        """Every variable's update from its gradient (one replica); by
+        default `update_step` for each."""
+        for grad, variable in zip(grads, variables):
+            self.update_step(grad, variable, learning_rate)
+
+    def _update_statistics(self, grads, variables):
+        present = {}
+        for grad, variable in zip(grads, variables):
+            index = self._get_variable_index(variable)
+            if self._layout.plans[index].factors:
+                present[index] = dense(grad, variable)
+        if not present:
             return
-        stats = [self._statistics[f.index] for f in plan.factors]
-        values = kronecker.updated_statistics(
-            plan,
+        updated = kronecker.batched_statistics(
+            self._layout,
             self.statistics_beta,
-            dense(gradient, variable),
-            [read(s) for s in stats],
+            present,
+            [read(s) for s in self._statistics],
             self.step_number(),
         )
-        for stat, value in zip(stats, values):
-            self.assign(stat, value)
+        for index, value in updated.items():
+            self.assign(self._statistics[index], value)
 
     # -- the refresh --------------------------------------------------------
 

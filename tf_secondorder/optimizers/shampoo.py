@@ -52,15 +52,23 @@ class Shampoo(PreconditionedOptimizer):
         learning_rate: float, schedule or callable. Defaults to `0.001`.
         beta1: momentum of the update, in `[0, 1)`. Defaults to `0.9`.
         beta2: decay of the statistics, in `(0, 1]`. Defaults to `0.999`.
-        epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-12`.
-        block_size: longest block side. Defaults to `1024`.
+        epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-6`:
+            an inverse 4th root loses about log2(κ/4) bits (Overton), so in
+            float32 a condition number beyond ~1e6 leaves the root noise.
+        block_size: longest block side. Defaults to `256`: the per-step
+            preconditioning costs ~4·b per parameter (b³ per b×b block), a
+            refresh ~b³ per block; 256 keeps both below the forward and
+            backward pass of typical layers and still couples 256 rows.
         precondition_frequency: steps between root refreshes. Defaults to `100`.
         start_preconditioning_step: first preconditioned step (1-based);
             `None` means `precondition_frequency`.
-        statistics_frequency: update the statistics only on steps t with
-            t % statistics_frequency == 0. Their cost is ~2(m+n)/(3·tokens)
+        statistics_frequency: after the first refresh, update the statistics
+            only on steps t with t % statistics_frequency == 0 (before it,
+            every step). Their cost is ~2(m+n)/(3·tokens)
             of a step's forward+backward, large at small batches; the EMA
-            horizon becomes statistics_frequency/(1 − β2) steps. Defaults to 1.
+            horizon becomes statistics_frequency/(1 − β2) steps. Defaults to
+            `5`: measured on the digits autoencoder, the same steps to
+            Adam's loss as every step, at a fifth of the cost.
         grafting: `"sgd"`, `"adagrad"`, `"rmsprop"`, `"adam"` or `None`.
         grafting_epsilon: ε_g of the grafting optimizer. Defaults to `1e-8`.
         nesterov: Nesterov momentum. Defaults to `False`.
@@ -100,11 +108,11 @@ class Shampoo(PreconditionedOptimizer):
         learning_rate=0.001,
         beta1=0.9,
         beta2=0.999,
-        epsilon=1e-12,
-        block_size=1024,
+        epsilon=1e-6,
+        block_size=256,
         precondition_frequency=100,
         start_preconditioning_step=None,
-        statistics_frequency=1,
+        statistics_frequency=5,
         grafting="adam",
         grafting_epsilon=1e-8,
         nesterov=False,
@@ -248,27 +256,31 @@ class Shampoo(PreconditionedOptimizer):
             self.assign(variable, tf.cast(root, variable.dtype))
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        plan = self._layout.plans[index]
-        accumulator = (
-            self._grafting_accumulators[index] if self._grafting_accumulators else None
-        )
-        momentum = self._momentums[index] if self._momentums else None
-        new_accumulator, new_momentum, delta = kernels.update(
-            plan,
+        self.update_all([gradient], [variable], learning_rate)
+
+    def update_all(self, grads, variables, learning_rate):
+        indices = [self._get_variable_index(v) for v in variables]
+        by_index = dict(zip(indices, variables))
+
+        def state(slots, index):
+            return read(slots[index]) if slots else None
+
+        updates = kernels.update(
+            self._layout,
             self._hyper,
-            dense(gradient, variable),
-            read(accumulator) if accumulator is not None else None,
-            read(momentum) if momentum is not None else None,
-            [read(self._preconditioners[f.index]) for f in plan.factors],
+            {i: dense(g, v) for i, g, v in zip(indices, grads, variables)},
+            {i: state(self._grafting_accumulators, i) for i in indices},
+            {i: state(self._momentums, i) for i in indices},
+            [read(p) for p in self._preconditioners],
             self.step_number(),
             learning_rate,
         )
-        if accumulator is not None:
-            self.assign(accumulator, new_accumulator)
-        if momentum is not None:
-            self.assign(momentum, new_momentum)
-        self.assign_sub(variable, delta)
+        for index, (accumulator, momentum, delta) in updates.items():
+            if accumulator is not None:
+                self.assign(self._grafting_accumulators[index], accumulator)
+            if momentum is not None:
+                self.assign(self._momentums[index], momentum)
+            self.assign_sub(by_index[index], delta)
 
     def get_config(self):
         config = super().get_config()

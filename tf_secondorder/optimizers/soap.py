@@ -52,12 +52,13 @@ class SOAP(PreconditionedOptimizer):
         shampoo_beta: decay of the statistics, in `(0, 1]`; `None` means
             `beta2`.
         epsilon: added to √v. Defaults to `1e-8`.
-        block_size: longest block side. Defaults to `1024`.
+        block_size: longest block side. Defaults to `256` (as Shampoo).
         precondition_frequency: steps between basis refreshes. Defaults to 10.
         start_preconditioning_step: first (1-based) step with a basis, from
             the statistics including that step's gradient. Defaults to `1`.
-        statistics_frequency: update the statistics only on steps t with
-            t % statistics_frequency == 0. Defaults to `1`.
+        statistics_frequency: after the first refresh, update the statistics
+            only on steps t with t % statistics_frequency == 0 (before it,
+            every step). Defaults to `1`.
         max_preconditioned_dim: dimensions longer than this (after merging)
             keep the identity basis. `None`: no limit.
         statistics_dtype: `None`/`"float32"` or `"bfloat16"` (stochastic
@@ -88,7 +89,7 @@ class SOAP(PreconditionedOptimizer):
         beta2=0.95,
         shampoo_beta=None,
         epsilon=1e-8,
-        block_size=1024,
+        block_size=256,
         precondition_frequency=10,
         start_preconditioning_step=1,
         statistics_frequency=1,

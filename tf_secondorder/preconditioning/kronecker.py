@@ -48,10 +48,9 @@ def contract(block, matrices, back=False):
     return block
 
 
-def contract_variable(plan, tensor, matrices, back=False, per_block=None):
+def contract_variable(plan, tensor, matrices, back=False):
     """`tensor` (a variable's shape) contracted block by block; `matrices` are
-    the variable's, in `plan.factors` order. `per_block(b, result, block)`
-    may rescale each block's result (grafting)."""
+    the variable's, in `plan.factors` order."""
     blocks = plan.partitioner.partition(tf.reshape(tensor, plan.merged_shape))
     first = plan.factors[0].index
     out = []
@@ -59,8 +58,7 @@ def contract_variable(plan, tensor, matrices, back=False, per_block=None):
         per_axis = [None] * block.shape.rank
         for factor in plan.factors_of_block[b]:
             per_axis[factor.axis] = tf.cast(matrices[factor.index - first], block.dtype)
-        result = contract(block, per_axis, back)
-        out.append(result if per_block is None else per_block(b, result, block))
+        out.append(contract(block, per_axis, back))
     return tf.reshape(plan.partitioner.merge(out), tensor.shape)
 
 
@@ -74,25 +72,92 @@ def stochastic_round_to_bfloat16(value, seed):
     return tf.cast(tf.bitcast(truncated, tf.float32), tf.bfloat16)
 
 
-def updated_statistics(plan, beta, grad, statistics, step):
-    """New values of one variable's statistics, in their storage dtypes:
-    S ← β·S + (1 − β)·G_(i) G_(i)ᵀ (β = 1: a plain sum). bfloat16 storage is
-    rounded stochastically, so small EMA increments are not lost."""
-    dtype = tf.as_dtype(plan.factors[0].dtype)
-    blocks = plan.partitioner.partition(
-        tf.reshape(tf.cast(grad, dtype), plan.merged_shape)
-    )
-    updated = []
-    for factor, stored in zip(plan.factors, statistics):
-        old = tf.cast(stored, dtype)
-        g = gram(blocks[factor.block], factor.axis)
-        if beta == 1.0:
-            new = old + g
-        else:
-            b = tf.constant(beta, dtype)
-            new = b * old + (1.0 - b) * g
-        if stored.dtype == tf.bfloat16:
-            seed = tf.stack([step, tf.constant(factor.index, tf.int32)])
-            new = stochastic_round_to_bfloat16(new, seed)
-        updated.append(tf.cast(new, stored.dtype))
+# -- the same, batched over a group of equal blocks ([B, *shape]) ----------
+
+
+def batched_gram(blocks, axis):
+    """G_(axis) G_(axis)ᵀ of each block of a stack [B, *shape]: [B, n, n]."""
+    rank = blocks.shape.rank - 1
+    if rank == 1:
+        return blocks[:, :, None] * blocks[:, None, :]
+    if rank == 2:
+        return tf.matmul(blocks, blocks, transpose_a=axis == 1, transpose_b=axis == 0)
+    moved = tf.experimental.numpy.moveaxis(blocks, 1 + axis, 1)
+    flat = tf.reshape(moved, [tf.shape(blocks)[0], blocks.shape[1 + axis], -1])
+    return tf.matmul(flat, flat, transpose_b=True)
+
+
+def batched_contract(blocks, matrices, back=False):
+    """`contract` of each block of a stack [B, *shape]; `matrices` maps a block
+    axis to its stack of matrices [B, n, n] (axes not in it are left alone)."""
+    rank = blocks.shape.rank - 1
+    if rank == 1:
+        (matrix,) = matrices.values()
+        return tf.linalg.matvec(matrix, blocks, transpose_a=not back)
+    if rank == 2:
+        if 0 in matrices:
+            blocks = tf.matmul(matrices[0], blocks, transpose_a=not back)
+        if 1 in matrices:
+            blocks = tf.matmul(blocks, matrices[1], transpose_b=back)
+        return blocks
+    for axis, matrix in matrices.items():
+        moved = tf.experimental.numpy.moveaxis(blocks, 1 + axis, -1)
+        # [B, n, n] broadcast over the block's other axes.
+        matrix = tf.reshape(
+            matrix, [-1] + [1] * (rank - 1) + matrix.shape[-2:].as_list()
+        )
+        moved = tf.matmul(moved, matrix, transpose_b=back)
+        blocks = tf.experimental.numpy.moveaxis(moved, -1, 1 + axis)
+    return blocks
+
+
+def group_blocks(layout, tensors):
+    """{variable: its blocks} for the variables in `tensors` ({variable:
+    tensor of its shape}) that have factors."""
+    blocks = {}
+    for variable, tensor in tensors.items():
+        plan = layout.plans[variable]
+        if plan.factors:
+            blocks[variable] = plan.partitioner.partition(
+                tf.reshape(tensor, plan.merged_shape)
+            )
+    return blocks
+
+
+def present_members(group, blocks):
+    """The (position, variable, block) of the group's members in `blocks`."""
+    return [
+        (k, variable, block)
+        for k, (variable, block) in enumerate(group.members)
+        if variable in blocks
+    ]
+
+
+def batched_statistics(layout, beta, grads, statistics, step):
+    """New statistics {factor index: value in its storage dtype} of the
+    variables in `grads` ({variable: gradient}); `statistics` lists every
+    factor's stored value. One batched gram per group and axis."""
+    blocks = group_blocks(layout, grads)
+    updated = {}
+    for number, group in enumerate(layout.groups):
+        members = present_members(group, blocks)
+        if not members:
+            continue
+        dtype = tf.as_dtype(group.dtype)
+        stacked = tf.stack([tf.cast(blocks[v][b], dtype) for _, v, b in members])
+        for j, axis in enumerate(group.axes):
+            indices = [group.factors[k][j] for k, _, _ in members]
+            old = tf.stack([tf.cast(statistics[i], dtype) for i in indices])
+            gram = batched_gram(stacked, axis)
+            if beta == 1.0:
+                new = old + gram
+            else:
+                b = tf.constant(beta, dtype)
+                new = b * old + (1.0 - b) * gram
+            stored = statistics[indices[0]].dtype
+            if stored == tf.bfloat16:
+                seed = tf.stack([step, tf.constant(number * 8 + j, tf.int32)])
+                new = stochastic_round_to_bfloat16(new, seed)
+            for i, value in zip(indices, tf.unstack(tf.cast(new, stored))):
+                updated[i] = value
     return updated

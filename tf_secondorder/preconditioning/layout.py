@@ -27,6 +27,18 @@ class Factor:
         return f"b{self.block}_a{self.axis}"
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockGroup:
+    """Blocks of equal shape, preconditioned axes and dtype, from any
+    variables: their per-step work is one batched op per axis."""
+
+    shape: tuple  # the blocks' shape
+    axes: tuple  # the axes that have a factor
+    dtype: str
+    members: tuple  # (variable, block) pairs
+    factors: tuple  # per member, the factor index of each axis in `axes`
+
+
 @dataclasses.dataclass
 class VariablePlan:
     """How one variable is preconditioned. A variable with no factors (a
@@ -67,6 +79,7 @@ class BlockLayout:
         dtypes = dtypes or ["float32"] * len(shapes)
         self.plans = []
         self.factors = []
+        grouped = {}
         for variable, shape in enumerate(shapes):
             shape = tuple(int(d) for d in shape)
             if 0 in shape:
@@ -98,6 +111,15 @@ class BlockLayout:
                     block_factors.append(factor)
                     plan_factors.append(factor)
                 factors_of_block.append(block_factors)
+                if block_factors:
+                    key = (tuple(block_shape), tuple(axes), dtypes[variable])
+                    members, indices = grouped.setdefault(key, ([], []))
+                    members.append((variable, block))
+                    indices.append(tuple(f.index for f in block_factors))
             self.plans.append(
                 VariablePlan(shape, merged, partitioner, plan_factors, factors_of_block)
             )
+        self.groups = [
+            BlockGroup(shape, axes, dtype, tuple(members), tuple(indices))
+            for (shape, axes, dtype), (members, indices) in grouped.items()
+        ]

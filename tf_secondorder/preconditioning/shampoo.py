@@ -10,7 +10,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from tf_secondorder.preconditioning.kronecker import contract_variable
+from tf_secondorder.preconditioning import kronecker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,29 +23,50 @@ class Hyper:
     start_step: int
 
 
-def update(plan, hyper, grad, accumulator, momentum, preconditioners, step, lr):
-    """(new accumulator, new momentum, delta) of one variable; the caller
-    subtracts delta. `accumulator` / `momentum` are None when the grafting
-    type or beta1 needs none, and so are the returned values."""
-    dtype = grad.dtype
-    t = tf.cast(step, dtype)
-    direction, new_accumulator = _graft(grad, accumulator, t, hyper)
-    if plan.factors:
-        graft = direction
-        direction = tf.cond(
-            step >= hyper.start_step,
-            lambda: _preconditioned(plan, grad, graft, preconditioners, hyper),
-            lambda: graft,
+def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, lr):
+    """{variable: (new accumulator, new momentum, delta)} for the variables in
+    `grads` ({variable index: gradient}); the caller subtracts delta.
+    `accumulators` / `momenta` map a variable to its state, or None when
+    the grafting type or beta1 needs none (and so are the returned values);
+    `preconditioners` lists every factor's current root. The preconditioned
+    directions of all variables are computed together: one batched
+    contraction per group of equal blocks and axis."""
+    grafts, new_accumulators = {}, {}
+    for variable, grad in grads.items():
+        t = tf.cast(step, grad.dtype)
+        grafts[variable], new_accumulators[variable] = _graft(
+            grad, accumulators[variable], t, hyper
         )
-    new_momentum = None
-    if hyper.beta1 > 0:
-        beta1 = tf.constant(hyper.beta1, dtype)
-        new_momentum = beta1 * momentum + (1.0 - beta1) * direction
-        smoothed = new_momentum
-        if hyper.nesterov:
-            smoothed = beta1 * new_momentum + (1.0 - beta1) * direction
-        direction = smoothed / (1.0 - tf.pow(beta1, t))
-    return new_accumulator, new_momentum, tf.cast(lr, dtype) * direction
+    with_factors = {v: g for v, g in grads.items() if layout.plans[v].factors}
+    directions = grafts
+    if with_factors:
+        directions = tf.cond(
+            step >= hyper.start_step,
+            lambda: {
+                **grafts,
+                **_preconditioned(layout, hyper, with_factors, grafts, preconditioners),
+            },
+            lambda: dict(grafts),
+        )
+    out = {}
+    for variable, grad in grads.items():
+        dtype = grad.dtype
+        t = tf.cast(step, dtype)
+        direction = directions[variable]
+        new_momentum = None
+        if hyper.beta1 > 0:
+            beta1 = tf.constant(hyper.beta1, dtype)
+            new_momentum = beta1 * momenta[variable] + (1.0 - beta1) * direction
+            smoothed = new_momentum
+            if hyper.nesterov:
+                smoothed = beta1 * new_momentum + (1.0 - beta1) * direction
+            direction = smoothed / (1.0 - tf.pow(beta1, t))
+        out[variable] = (
+            new_accumulators[variable],
+            new_momentum,
+            tf.cast(lr, dtype) * direction,
+        )
+    return out
 
 
 def _graft(grad, accumulator, t, hyper):
@@ -64,13 +85,43 @@ def _graft(grad, accumulator, t, hyper):
     return grad / (tf.sqrt(second_moment) + epsilon), new
 
 
-def _preconditioned(plan, grad, graft, preconditioners, hyper):
-    """D = G ×_i P_i per block, rescaled to the grafted block's norm."""
-    if hyper.grafting is None:
-        return contract_variable(plan, grad, preconditioners)
-    graft_blocks = plan.partitioner.partition(tf.reshape(graft, plan.merged_shape))
-
-    def graft_norm(b, direction, _):
-        return direction * (tf.norm(graft_blocks[b]) / (tf.norm(direction) + 1e-16))
-
-    return contract_variable(plan, grad, preconditioners, per_block=graft_norm)
+def _preconditioned(layout, hyper, grads, grafts, preconditioners):
+    """D = G ×_i P_i per block, rescaled to the grafted block's norm, for the
+    variables in `grads` (all with factors)."""
+    grad_blocks = kronecker.group_blocks(layout, grads)
+    graft_blocks = (
+        kronecker.group_blocks(layout, {v: grafts[v] for v in grads})
+        if hyper.grafting is not None
+        else None
+    )
+    out_blocks = {v: [None] * len(b) for v, b in grad_blocks.items()}
+    for group in layout.groups:
+        members = kronecker.present_members(group, grad_blocks)
+        if not members:
+            continue
+        stacked = tf.stack([grad_blocks[v][b] for _, v, b in members])
+        matrices = {
+            axis: tf.stack(
+                [
+                    tf.cast(preconditioners[group.factors[k][j]], stacked.dtype)
+                    for k, _, _ in members
+                ]
+            )
+            for j, axis in enumerate(group.axes)
+        }
+        directions = kronecker.batched_contract(stacked, matrices)
+        if graft_blocks is not None:
+            grafted = tf.stack([graft_blocks[v][b] for _, v, b in members])
+            axes = list(range(1, stacked.shape.rank))
+            directions *= tf.sqrt(
+                tf.reduce_sum(tf.square(grafted), axis=axes, keepdims=True)
+            ) / (
+                tf.sqrt(tf.reduce_sum(tf.square(directions), axis=axes, keepdims=True))
+                + 1e-16
+            )
+        for (_, v, b), direction in zip(members, tf.unstack(directions)):
+            out_blocks[v][b] = direction
+    return {
+        v: tf.reshape(layout.plans[v].partitioner.merge(blocks), grads[v].shape)
+        for v, blocks in out_blocks.items()
+    }
