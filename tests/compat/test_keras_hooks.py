@@ -182,7 +182,10 @@ def test_fix_switches_itself_off_on_a_fixed_keras(monkeypatch):
         ),
     )
     assert keras_patches.install_multi_worker_fit_fix() == []
-    assert keras_patches.installed_keras_patches() == []
+    # (Other tests in this process may have installed the local-SGD patch.)
+    assert not {"symbolic_build", "reduce_per_replica"} & set(
+        keras_patches.installed_keras_patches()
+    )
 
 
 def test_unreadable_keras_source_fails_loudly(monkeypatch):
@@ -194,7 +197,10 @@ def test_unreadable_keras_source_fails_loudly(monkeypatch):
     monkeypatch.setattr(inspect, "getsource", no_source)
     with pytest.raises(keras_patches.KerasSourceUnavailable, match="force=True"):
         keras_patches.install_multi_worker_fit_fix()
-    assert keras_patches.installed_keras_patches() == []
+    # (Other tests in this process may have installed the local-SGD patch.)
+    assert not {"symbolic_build", "reduce_per_replica"} & set(
+        keras_patches.installed_keras_patches()
+    )
 
 
 def test_fix_leaves_single_worker_strategies_to_keras(mirrored):
@@ -204,9 +210,8 @@ def test_fix_leaves_single_worker_strategies_to_keras(mirrored):
     with testing.count_hook_calls() as calls:
         _fit(model, opt)
     assert calls["multi_worker_build"] == calls["multi_worker_reduce"] == 0
-    assert keras_patches.installed_keras_patches() == [] or not any(
-        name.startswith(("symbolic", "reduce"))
-        for name in keras_patches.installed_keras_patches()
+    assert not {"symbolic_build", "reduce_per_replica"} & set(
+        keras_patches.installed_keras_patches()
     )
     assert not trainer.in_multi_worker_mode(mirrored)
     assert trainer.worker_index(mirrored) == 0

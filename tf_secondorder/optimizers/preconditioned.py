@@ -137,8 +137,10 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
         The per-step work runs once per replica inside `extended.update`,
         where reads and assignments of mirrored variables act on that
-        replica: all variables together, so blocks of equal shape from any
-        variables share one batched op.
+        replica: all variables together, so that a subclass can decide once
+        for all of them (Shampoo: one `tf.cond` for the start step instead
+        of one per variable) and the statistics of equal blocks from any
+        variables are one batched gram each (fewer ops to trace).
         """
         number = self.step_number()
         grads = [g for g, _ in grads_and_vars]

@@ -48,9 +48,10 @@ def contract(block, matrices, back=False):
     return block
 
 
-def contract_variable(plan, tensor, matrices, back=False):
+def contract_variable(plan, tensor, matrices, back=False, per_block=None):
     """`tensor` (a variable's shape) contracted block by block; `matrices` are
-    the variable's, in `plan.factors` order."""
+    the variable's, in `plan.factors` order. `per_block(b, result)` may
+    rescale block b's result (Shampoo's grafting)."""
     blocks = plan.partitioner.partition(tf.reshape(tensor, plan.merged_shape))
     first = plan.factors[0].index
     out = []
@@ -58,7 +59,8 @@ def contract_variable(plan, tensor, matrices, back=False):
         per_axis = [None] * block.shape.rank
         for factor in plan.factors_of_block[b]:
             per_axis[factor.axis] = tf.cast(matrices[factor.index - first], block.dtype)
-        out.append(contract(block, per_axis, back))
+        result = contract(block, per_axis, back)
+        out.append(result if per_block is None else per_block(b, result))
     return tf.reshape(plan.partitioner.merge(out), tensor.shape)
 
 
@@ -85,30 +87,6 @@ def batched_gram(blocks, axis):
     moved = tf.experimental.numpy.moveaxis(blocks, 1 + axis, 1)
     flat = tf.reshape(moved, [tf.shape(blocks)[0], blocks.shape[1 + axis], -1])
     return tf.matmul(flat, flat, transpose_b=True)
-
-
-def batched_contract(blocks, matrices, back=False):
-    """`contract` of each block of a stack [B, *shape]; `matrices` maps a block
-    axis to its stack of matrices [B, n, n] (axes not in it are left alone)."""
-    rank = blocks.shape.rank - 1
-    if rank == 1:
-        (matrix,) = matrices.values()
-        return tf.linalg.matvec(matrix, blocks, transpose_a=not back)
-    if rank == 2:
-        if 0 in matrices:
-            blocks = tf.matmul(matrices[0], blocks, transpose_a=not back)
-        if 1 in matrices:
-            blocks = tf.matmul(blocks, matrices[1], transpose_b=back)
-        return blocks
-    for axis, matrix in matrices.items():
-        moved = tf.experimental.numpy.moveaxis(blocks, 1 + axis, -1)
-        # [B, n, n] broadcast over the block's other axes.
-        matrix = tf.reshape(
-            matrix, [-1] + [1] * (rank - 1) + matrix.shape[-2:].as_list()
-        )
-        moved = tf.matmul(moved, matrix, transpose_b=back)
-        blocks = tf.experimental.numpy.moveaxis(moved, -1, 1 + axis)
-    return blocks
 
 
 def group_blocks(layout, tensors):

@@ -30,7 +30,7 @@ class Factor:
 @dataclasses.dataclass(frozen=True)
 class BlockGroup:
     """Blocks of equal shape, preconditioned axes and dtype, from any
-    variables: their per-step work is one batched op per axis."""
+    variables: their statistics are one batched gram per axis."""
 
     shape: tuple  # the blocks' shape
     axes: tuple  # the axes that have a factor
