@@ -1,7 +1,15 @@
 """Keras callbacks of tf_secondorder."""
 
 from tf_secondorder.callbacks.backup import BackupAndRestore
-from tf_secondorder.callbacks.communication import CommunicationStats
+from tf_secondorder.callbacks.communication import (
+    CommunicationStats,
+    OptimizerCounters,
+)
 from tf_secondorder.callbacks.sync import SyncReplicas
 
-__all__ = ["BackupAndRestore", "CommunicationStats", "SyncReplicas"]
+__all__ = [
+    "BackupAndRestore",
+    "CommunicationStats",
+    "OptimizerCounters",
+    "SyncReplicas",
+]

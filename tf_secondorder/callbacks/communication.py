@@ -1,38 +1,57 @@
-"""A Keras callback that puts communication statistics in the training logs."""
+"""The optimizer's counters in the training logs (so in History, CSVLogger
+and TensorBoard)."""
 
 import keras
 
 
-class CommunicationStats(keras.callbacks.Callback):
-    """Adds `comm_bytes_per_step`, `comm_rounds` and `comm_bytes_total` to the logs.
+def _optimizer(model):
+    optimizer = getattr(model, "optimizer", None)
+    return getattr(optimizer, "inner_optimizer", optimizer)
 
-    Works with any optimizer that has `communication_stats()` (every
-    tf_secondorder optimizer and `tfso.distributed(...)`); the numbers are per
-    replica. Per-batch logs get them when `every_batch=True`; the epoch logs
-    (and so `History`) always do.
+
+def counters(optimizer):
+    """{log name: number} of a tf_secondorder optimizer's counters."""
+    stats = optimizer.communication_stats()
+    out = {
+        "nonfinite_steps": int(optimizer.nonfinite_steps.numpy()),
+        "comm_bytes_per_step": stats["bytes_per_step"],
+        "comm_rounds": stats["rounds"],
+        "comm_bytes_total": stats["bytes_total"],
+    }
+    for name in ("root_failures", "refreshes", "refresh_seconds"):
+        variable = getattr(optimizer, name, None)
+        if variable is not None:
+            out[name] = variable.numpy().item()
+    return out
+
+
+class OptimizerCounters(keras.callbacks.Callback):
+    """Adds the optimizer's counters to the logs of every epoch (and of
+    every batch with `every_batch=True`): `nonfinite_steps`,
+    `comm_bytes_per_step`, `comm_rounds`, `comm_bytes_total` (per replica),
+    and for Shampoo and SOAP `root_failures`, `refreshes` and
+    `refresh_seconds` (the in-graph wall time of the refreshes so far).
+
+    `fit` gets it automatically (first among the callbacks, so TensorBoard
+    and CSVLogger see the counters) for every tf_secondorder optimizer and
+    `tfso.distributed(...)`; passing it explicitly is harmless.
     """
 
     def __init__(self, every_batch=False):
         super().__init__()
         self.every_batch = every_batch
 
-    def _stats(self):
-        optimizer = getattr(self.model, "optimizer", None)
-        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-        if not hasattr(optimizer, "communication_stats"):
-            raise ValueError(
-                "CommunicationStats needs a tf_secondorder optimizer or "
-                f"tfso.distributed(...); the model's optimizer is {optimizer!r}"
-            )
-        return optimizer.communication_stats()
-
     def _add(self, logs):
         if logs is None:
             return
-        stats = self._stats()
-        logs["comm_bytes_per_step"] = stats["bytes_per_step"]
-        logs["comm_rounds"] = stats["rounds"]
-        logs["comm_bytes_total"] = stats["bytes_total"]
+        optimizer = _optimizer(self.model)
+        if not hasattr(optimizer, "communication_stats"):
+            raise ValueError(
+                f"{type(self).__name__} needs a tf_secondorder optimizer or "
+                f"tfso.distributed(...); the model's optimizer is {optimizer!r}"
+            )
+        if optimizer.built:
+            logs.update(counters(optimizer))
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_batch:
@@ -40,3 +59,8 @@ class CommunicationStats(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._add(logs)
+
+
+class CommunicationStats(OptimizerCounters):
+    """The name of `OptimizerCounters` before 0.2 (it logged only the
+    `comm_*` counters)."""

@@ -68,9 +68,17 @@ class SyncReplicas(keras.callbacks.Callback):
 
 def automatic_callbacks(model, callbacks):
     """The callbacks every fit/evaluate/predict of `model` gets (installed by
-    `compat.keras_patches.install_callback_injection` under local SGD)."""
+    `compat.keras_patches.install_callback_injection`): the optimizer's
+    counters in the logs, and under local SGD the replicas' sync."""
+    from tf_secondorder.callbacks.communication import OptimizerCounters
+
+    extra = []
+    if hasattr(_optimizer(model), "communication_stats") and not any(
+        isinstance(c, OptimizerCounters) for c in callbacks
+    ):
+        extra.append(OptimizerCounters())
     if not _averages(model) or any(isinstance(c, SyncReplicas) for c in callbacks):
-        return []
+        return extra
     frequencies = [
         c.save_freq
         for c in callbacks
@@ -78,4 +86,5 @@ def automatic_callbacks(model, callbacks):
         and not isinstance(c.save_freq, bool)
         and c.save_freq > 0
     ]
-    return [SyncReplicas(save_every=frequencies)]
+    # The sync first: checkpoints and the counters then see the average.
+    return [SyncReplicas(save_every=frequencies)] + extra

@@ -4,6 +4,7 @@
   weight decay, EMA) turned into `reduce_gradients` / `apply_reduced_gradients`;
 - `replica_state`: per-replica optimizer state, saved per replica;
 - `collectives`: all_to_all through a strategy's collective launchers;
+- `graph`: whether the graph being built is compiled by XLA;
 - `trainer`: private attributes of models, optimizers and strategies;
 - `keras_patches`: patches of Keras functions, installed only when needed;
 - `testing`: counters that show the hooks are still called (off by default).

@@ -16,10 +16,12 @@ and can be removed with `uninstall_keras_patches()`.
    while Keras's source still shows its bug, and only acting when the
    model's strategy is in multi-worker mode. If the source cannot be read
    the check cannot be made and a RuntimeError says so.
-2. **Replica sync callbacks** for local SGD: `fit`, `evaluate` and `predict`
-   build a `keras.callbacks.CallbackList`; the wrapped constructor puts
-   `SyncReplicas` in front of the user's callbacks when the model's
-   optimizer averages replicas. Installed when such an optimizer is built.
+2. **Automatic callbacks**: `fit`, `evaluate` and `predict` build a
+   `keras.callbacks.CallbackList`; the wrapped constructor puts
+   tf_secondorder's callbacks in front of the user's when the model's
+   optimizer is one of this package's: `OptimizerCounters` (its counters in
+   the logs, for History, CSVLogger and TensorBoard) and, under local SGD,
+   `SyncReplicas`. Installed when such an optimizer is created.
 """
 
 import inspect
@@ -241,5 +243,6 @@ def install_callback_injection(callbacks_for):
         callback_list,
         "__init__",
         __init__,
-        "local SGD: replicas are averaged before evaluation, saving and export",
+        "optimizer counters in the fit logs; replicas averaged before "
+        "evaluation and saving under local SGD",
     )

@@ -38,10 +38,11 @@ class CommunicatingOptimizer(KerasStepHooks):
         self.communication = config
         self.communicator = Communicator(config)
         keras_patches.prepare_for_strategy(self._distribution_strategy)
-        if config.local_sgd:
-            from tf_secondorder.callbacks.sync import automatic_callbacks
+        # fit/evaluate/predict get the counters in their logs (and the
+        # replicas' sync under local SGD).
+        from tf_secondorder.callbacks.sync import automatic_callbacks
 
-            keras_patches.install_callback_injection(automatic_callbacks)
+        keras_patches.install_callback_injection(automatic_callbacks)
 
     def build(self, var_list):
         if self.built:

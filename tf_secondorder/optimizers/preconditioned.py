@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
+from tf_secondorder.compat.graph import in_xla_context
 from tf_secondorder.distribute import sharding
 from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
 from tf_secondorder.preconditioning import kronecker
@@ -89,6 +90,19 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         return self._root_failures
 
     @property
+    def refreshes(self):
+        """Refreshes so far (a variable)."""
+        return self._refreshes
+
+    @property
+    def refresh_seconds(self):
+        """Wall seconds spent in refreshes so far by this process, timed in
+        the graph (a float64 variable; stays 0 under XLA compilation, which
+        has no clock op). Not saved with the state: it differs from run to
+        run and worker to worker."""
+        return self._refresh_clock.seconds
+
+    @property
     def statistics_beta(self):
         raise NotImplementedError
 
@@ -118,13 +132,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             )
             for factor in self._layout.factors
         ]
+        counter = dict(shape=(), initializer="zeros", aggregation="only_first_replica")
         self._root_failures = self.add_variable(
-            (),
-            initializer="zeros",
-            dtype="int64",
-            name="root_failures",
-            aggregation="only_first_replica",
+            dtype="int64", name="root_failures", **counter
         )
+        self._refreshes = self.add_variable(dtype="int64", name="refreshes", **counter)
+        self._refresh_clock = _RefreshClock()
 
     def step_number(self):
         # int32: modular arithmetic on int64 is not available on TPU.
@@ -169,7 +182,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             )
         since_start = number - self.start_step
         due = (since_start >= 0) & (since_start % self.precondition_frequency == 0)
-        tf.cond(due, lambda: self._refresh(distribution), no_op)
+        tf.cond(due, lambda: self._timed_refresh(distribution), no_op)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
 
     def update_all(self, grads, variables, learning_rate):
@@ -211,6 +224,17 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     def store_refreshed(self, results):
         """Assigns the refreshed tensors (a list over all factors)."""
         raise NotImplementedError
+
+    def _timed_refresh(self, distribution):
+        self._refreshes.assign_add(1)
+        if in_xla_context():
+            self._refresh(distribution)
+            return
+        # Timestamps are stateful ops: automatic control dependencies keep
+        # them before and after the refresh's variable assignments.
+        start = tf.timestamp()
+        self._refresh(distribution)
+        self._refresh_clock.seconds.assign_add(tf.timestamp() - start)
 
     def _refresh(self, distribution):
         factors = self._layout.factors
@@ -281,3 +305,15 @@ def dense(gradient, variable):
 
 def no_op():
     return None
+
+
+class _RefreshClock:
+    """Holds the refresh-seconds variable out of the optimizer's tracked
+    state (a plain object: neither Keras nor tf.train.Checkpoint tracks it),
+    so checkpoints, SavedModels and the replicas' state comparisons stay
+    deterministic."""
+
+    def __init__(self):
+        self.seconds = tf.Variable(
+            tf.constant(0.0, tf.float64), trainable=False, name="refresh_seconds"
+        )
