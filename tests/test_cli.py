@@ -164,3 +164,7 @@ def test_bench_with_replicas_reports_bytes(tmp_path):
         and plain["bytes_per_step"] == plain["float32_bytes_per_step"]
     )
     assert 0 < sign["bytes_per_step"] < plain["bytes_per_step"] / 20
+    # Over the run: float32 every step is exactly 1; sign every step matches
+    # its per-step ratio (no warm-up by default).
+    assert plain["run_bytes_ratio"] == 1.0
+    assert sign["run_bytes_ratio"] == sign["bytes_per_step"] / plain["bytes_per_step"]

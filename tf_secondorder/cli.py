@@ -173,15 +173,20 @@ def main(argv=None):
         "--task",
         default="digits-ae",
         help="digits-ae (autoencoder on scikit-learn's digits), pydoc-lm "
-        "(byte-level Transformer on CPython's pydoc text): both built as TFDS "
-        "datasets on this machine; or mnist, cifar10: TFDS datasets already "
-        "prepared in the data dir",
+        "(byte-level Transformer on CPython's pydoc text), pydoc-gpt2 "
+        "(keras-hub's GPT-2 from a config on the same text; needs "
+        '`pip install -e ".[gpu,bench,hub]"` in its own environment): all '
+        "built as TFDS datasets on this machine; or mnist, cifar10: TFDS "
+        "datasets already prepared in the data dir",
     )
     b.add_argument(
         "--optimizers",
         default="adam,shampoo",
         help="comma-separated, distinct: adam, adamw, sgd, lion, muon, shampoo, "
-        "soap, signsgd, each optionally +COMPRESSOR (e.g. shampoo+sign)",
+        "soap, signsgd, onebitadam, compams, diloco (AdamW, 32 local steps, "
+        "outer Nesterov SGD), localsgd (Adam, averaged every 32 steps), each "
+        "optionally +COMPRESSOR (e.g. shampoo+sign, compams+topk; for diloco "
+        "and localsgd it compresses the averaged change)",
     )
     b.add_argument(
         "--lrs",
@@ -235,7 +240,8 @@ def main(argv=None):
         "--data-dir",
         default=None,
         help="TFDS data dir; default: TFDS_DATA_DIR or ~/tensorflow_datasets. "
-        "digits-ae and pydoc-lm build their datasets there on first use",
+        "digits-ae, pydoc-lm and pydoc-gpt2 build their datasets there on "
+        "first use",
     )
     b.add_argument(
         "--out", default="bench_out", help="directory for results.json and plots"

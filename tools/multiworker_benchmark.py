@@ -31,6 +31,7 @@ SETTINGS = {
     "bf16": {"compression": "bf16"},
     "sign": {"compression": "sign"},
     "scaled_sign": {"compression": "scaled_sign"},
+    "int8": {"compression": "int8"},
     "qsgd": {"compression": "qsgd"},
     "qsgd4": {"compression": {"name": "qsgd", "bits": 4}},
     "terngrad": {"compression": "terngrad"},
@@ -42,6 +43,12 @@ SETTINGS = {
     # optimizer with an uncompressed float32 all-reduce of the momenta.
     "signum_vote": {"optimizer": "signsgd"},
     "signum_fp32": {"optimizer": "signsgd", "compression": None, "aggregation": "mean"},
+    # Compressed adaptive optimizers at their defaults.
+    "onebitadam": {"optimizer": "onebitadam"},
+    "compams": {"optimizer": "compams"},
+    # Local SGD / DiLoCo: Adam(W) averaged every 32 steps, int8 changes.
+    "localsgd_int8": {"average_every": 32, "average_compression": "int8"},
+    "diloco_int8": {"optimizer": "diloco", "average_compression": "int8"},
 }
 WINDOW = 10
 HIDDEN = 2048
@@ -85,8 +92,20 @@ def worker(args):
             + [keras.layers.Dense(HIDDEN, activation="relu") for _ in range(3)]
             + [keras.layers.Dense(10)]
         )
-        if options.pop("optimizer", "adam") == "signsgd":
+        name = options.pop("optimizer", "adam")
+        if name == "signsgd":
             optimizer = tfso.SignSGD(args.sign_learning_rate, momentum=0.9, **options)
+        elif name == "onebitadam":
+            optimizer = tfso.OneBitAdam(args.learning_rate, **options)
+        elif name == "compams":
+            optimizer = tfso.CompAMS(args.learning_rate, **options)
+        elif name == "diloco":
+            optimizer = tfso.distributed(
+                keras.optimizers.AdamW(args.learning_rate),
+                average_every=32,
+                outer_optimizer=keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True),
+                **options,
+            )
         else:
             optimizer = tfso.distributed(
                 keras.optimizers.Adam(args.learning_rate), **options
@@ -295,6 +314,9 @@ def main(argv=None):
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--profile", default=None, help="TF profiler dir (worker 0)")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.settings.split(",")) - set(SETTINGS))
+    if unknown:
+        parser.error(f"--settings must be among {sorted(SETTINGS)}; received {unknown}")
     if args.worker:
         return worker(args)
     return driver(args)

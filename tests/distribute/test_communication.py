@@ -473,3 +473,38 @@ def test_config_round_trips_and_resolves_by_registered_name():
 def test_bad_input_names_the_argument(make, argument):
     with pytest.raises(ValueError, match=f"`{argument}"):
         make()
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: tfso.distributed(keras.optimizers.SGD(0.1)), 0.8),
+        (lambda: tfso.distributed(keras.optimizers.SGD(0.1), compression="int8"), 0.8),
+        (lambda: tfso.Shampoo(0.1), 0.9),
+    ],
+    ids=["keras_sum", "int8", "shampoo"],
+)
+def test_gradients_of_unknown_static_shape(mirrored, make, expected):
+    # A table sliced to a variable sequence length (keras-hub's position
+    # embedding) has gradients whose static shape is unknown.
+    with mirrored.scope():
+        variable = tf.Variable(tf.ones((3, 4)))
+        optimizer = make()
+        optimizer.build([variable])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def step(flat):
+        def replica_fn():
+            grad = tf.reshape(flat, [-1, 4])
+            assert grad.shape.as_list() == [None, 4]
+            optimizer.apply_gradients([(grad, variable)])
+
+        mirrored.run(replica_fn)
+
+    step(tf.ones([12]))
+    # Keras sums the replicas' gradients (fit divides the loss by the
+    # replica count; this loop does not): SGD moves by lr * 2 (int8 carries
+    # 1.0 exactly). Shampoo's first step is its grafted Adam step, lr per
+    # element whatever the gradient's scale.
+    for value in mirrored.experimental_local_results(variable):
+        np.testing.assert_allclose(value.numpy(), np.full((3, 4), expected), rtol=1e-5)

@@ -62,6 +62,7 @@ AGGREGATED = (
     "refresh_cost",
     "state_memory_ratio",
     "bytes_per_step",
+    "run_bytes_ratio",
 )
 _NEVER = ("steps_to_target", "steps_ratio", "time_ratio")
 
@@ -141,7 +142,7 @@ def format_table(summary, results, configurations=None):
         head,
         f"{'optimizer':<{width}} lr       final     steps->tgt  steps x  step-time x  "
         "(amortised)  time->tgt x  refresh x  first-step x  state/weights"
-        + ("  bytes/step" if with_bytes else ""),
+        + ("  bytes/step  run bytes x" if with_bytes else ""),
     ]
     for r in results:
         lines.append(
@@ -152,7 +153,12 @@ def format_table(summary, results, configurations=None):
             f"{_fmt(r.get('refresh_cost'), '.1f'):>9}  "
             f"{_fmt(r.get('first_step_ratio'), '.2f'):>12}  "
             f"{_fmt(r.get('state_memory_ratio'), '.2f'):>13}"
-            + (f"  {_fmt(r.get('bytes_per_step'), 'd'):>10}" if with_bytes else "")
+            + (
+                f"  {_fmt(r.get('bytes_per_step'), 'd'):>10}"
+                f"  {_fmt(r.get('run_bytes_ratio'), '.4f'):>11}"
+                if with_bytes
+                else ""
+            )
         )
     return "\n".join(lines)
 
@@ -171,6 +177,7 @@ def _format_repeats(summary, configurations, repeats):
     ]
     if any("bytes_per_step" in c for c in configurations):
         columns.append(("bytes/step", "bytes_per_step", ".0f"))
+        columns.append(("run bytes x", "run_bytes_ratio", ".4f"))
 
     def cell(stats, spec):
         if stats is None:

@@ -32,6 +32,16 @@ def _diloco(lr, compression=None, **options):
     )
 
 
+def _local_sgd(lr, compression=None, **options):
+    """Local SGD: Adam inside, the replicas' weights averaged every 32 steps
+    (no outer optimizer); "+CODEC" compresses the averaged change."""
+    return tfso.distributed(
+        keras.optimizers.Adam(lr, **options),
+        average_every=32,
+        average_compression=compression,
+    )
+
+
 TFSO_OPTIMIZERS = {
     "shampoo": lambda lr, **o: tfso.Shampoo(lr, **o),
     "soap": lambda lr, **o: tfso.SOAP(lr, **o),
@@ -39,6 +49,7 @@ TFSO_OPTIMIZERS = {
     "onebitadam": lambda lr, **o: tfso.OneBitAdam(lr, **o),
     "compams": lambda lr, **o: tfso.CompAMS(lr, **o),
     "diloco": _diloco,
+    "localsgd": _local_sgd,
 }
 
 
@@ -180,8 +191,15 @@ def run(
     }
     if hasattr(optimizer, "communication_stats") and replicas > 1:
         stats = optimizer.communication_stats()
+        # The last step's bytes, and every byte of the run (warm-ups,
+        # full-precision steps and averages included) against a float32
+        # all-reduce at every step.
         result["bytes_per_step"] = stats["bytes_per_step"]
         result["float32_bytes_per_step"] = stats["float32_bytes_per_step"]
+        result["bytes_total"] = stats["bytes_total"]
+        result["run_bytes_ratio"] = stats["bytes_total"] / (
+            len(times) * stats["float32_bytes_per_step"]
+        )
     if isinstance(optimizer, (tfso.Shampoo, tfso.SOAP)):
         refresh = [
             s

@@ -153,7 +153,12 @@ class Communicator:
         if self.aggregator is None and transform is None and self.local_sgd is None:
             return self._keras_sum(keras_sum, grads_and_vars)
         present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
-        own = [_dense_float32(grads_and_vars[i][0]) * n for i in present]
+        # The variable's static shape: a gradient's can be unknown (a table
+        # sliced to a variable sequence length) and codecs size by it.
+        own = [
+            tf.ensure_shape(_dense_float32(grads_and_vars[i][0]), var.shape) * n
+            for i, var in ((i, grads_and_vars[i][1]) for i in present)
+        ]
         own_keys = [keys[i] for i in present]
         local_finite = _all_finite(own)
         state_updates = []
@@ -203,12 +208,14 @@ class Communicator:
         """Keras's own all-reduce SUM (one collective call), counted."""
         nbytes = tf.constant(0, tf.int64)
         dense = 0
-        for g, _ in grads_and_vars:
+        for g, v in grads_and_vars:
             if isinstance(g, tf.IndexedSlices):
                 nbytes += tf.size(g.values, tf.int64) * g.values.dtype.size
                 nbytes += tf.size(g.indices, tf.int64) * g.indices.dtype.size
             elif g is not None:
-                dense += int(np.prod(g.shape)) * g.dtype.size
+                # The variable's shape: a gradient's static shape can be
+                # unknown (a table sliced to a variable sequence length).
+                dense += int(np.prod(v.shape)) * g.dtype.size
         summed = keras_sum(grads_and_vars)
         # An all-reduce delivers what it is handed (sparse parts: varies).
         self.counters.received_per_step = dense

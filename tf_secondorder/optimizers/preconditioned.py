@@ -164,7 +164,10 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
         def on_each_replica(fn):
             distribution.extended.update(
-                anchor, lambda _, own: fn(own), args=(grads,), group=False
+                anchor,
+                lambda _, own: fn(_static_shapes(own, variables)),
+                args=(grads,),
+                group=False,
             )
 
         update_statistics = lambda: on_each_replica(  # noqa: E731
@@ -305,6 +308,18 @@ def dense(gradient, variable):
 
 def no_op():
     return None
+
+
+def _static_shapes(grads, variables):
+    """Dense gradients with their variable's static shape: a gradient's can
+    be unknown (a table sliced to a variable sequence length), and blocking
+    needs it."""
+    return [
+        g
+        if g is None or isinstance(g, tf.IndexedSlices)
+        else tf.ensure_shape(g, v.shape)
+        for g, v in zip(grads, variables)
+    ]
 
 
 class _RefreshClock:
