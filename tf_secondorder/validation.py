@@ -89,3 +89,18 @@ def learning_rate(value):
 def seed(name, value):
     """A non-negative integer seed."""
     return integer(name, value, 0, (1 << 63) - 1)
+
+
+def sequence(name, value):
+    """A list or tuple (not a string), as a list."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        fail(name, "a list or tuple", value)
+    return list(value)
+
+
+def strings(name, value):
+    """A list or tuple of non-empty strings, as a list."""
+    items = sequence(name, value)
+    if not all(isinstance(item, str) and item for item in items):
+        fail(name, "a list of non-empty strings", value)
+    return items

@@ -131,7 +131,7 @@ def _warn_if_adaptive_with_biased_compression(optimizer, config):
         "Use tfso.OneBitAdam (Adam whose compressed exchange is of the "
         "momentum, with the variance frozen), an unbiased compressor "
         "('int8', 'qsgd', 'natural', 'fp16', 'bf16'), or tfso.SignSGD for a "
-        "sign method. See docs/communication.md, 'Choosing a compressor'.",
+        "sign method. See the user guide, 'Choosing a compressor'.",
         UserWarning,
         stacklevel=3,
     )

@@ -116,7 +116,41 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self.block_size,
             self.max_preconditioned_dim,
             dtypes=[compute_dtype(v) for v in var_list],
+            preconditioned=[self.is_preconditioned(v) for v in var_list],
         )
+
+    def exclude_from_preconditioning(self, var_list=None, var_names=None):
+        """Leaves variables out of preconditioning: they get the grafting
+        update alone (with the default `grafting="adam"`, Adam's update),
+        and no statistics or roots are kept for them. Shampoo for the
+        matrices and Adam for the embeddings in one model, say:
+        `optimizer.exclude_from_preconditioning(var_names=["embedding"])`.
+
+        Like Keras's `exclude_from_weight_decay`, call it before the
+        optimizer is built (before `fit`, after `compile`).
+
+        Args:
+            var_list: variables to leave out.
+            var_names: strings; a variable whose path (e.g.
+                "token_embedding/embeddings") contains any of them is left out.
+        """
+        if self.built:
+            raise ValueError(
+                "`exclude_from_preconditioning()` must be called before the "
+                "optimizer is built; it is built already"
+            )
+        var_list = validation.sequence("var_list", var_list or [])
+        var_names = validation.strings("var_names", var_names or [])
+        self._unpreconditioned_keys = {self._var_key(v) for v in var_list}
+        self._unpreconditioned_names = tuple(var_names)
+
+    def is_preconditioned(self, variable):
+        """False for a variable left out by `exclude_from_preconditioning`."""
+        if self._var_key(variable) in getattr(self, "_unpreconditioned_keys", ()):
+            return False
+        path = getattr(variable, "path", variable.name)
+        names = getattr(self, "_unpreconditioned_names", ())
+        return not any(name in path for name in names)
 
     def build(self, var_list):
         if self.built:

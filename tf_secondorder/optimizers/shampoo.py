@@ -189,6 +189,7 @@ class Shampoo(PreconditionedOptimizer):
             self.max_preconditioned_dim,
             self.exponent_override,
             [compute_dtype(v) for v in var_list],
+            preconditioned=[self.is_preconditioned(v) for v in var_list],
         )
 
     def build(self, var_list):

@@ -61,6 +61,8 @@ class BlockLayout:
             factor, e.g. a vocabulary. None: no limit.
         exponent_override: p for every root instead of 2·k.
         dtypes: compute dtype of each variable's factors (default float32).
+        preconditioned: per variable, False for one that gets no factor at
+            all (default: every variable may be preconditioned).
 
     The root exponent of a block with k preconditioned axes is 2k: an axis
     left out (longer than `max_preconditioned_dim`) does not count, as in
@@ -75,8 +77,10 @@ class BlockLayout:
         max_preconditioned_dim=None,
         exponent_override=None,
         dtypes=None,
+        preconditioned=None,
     ):
         dtypes = dtypes or ["float32"] * len(shapes)
+        preconditioned = preconditioned or [True] * len(shapes)
         self.plans = []
         self.factors = []
         grouped = {}
@@ -90,7 +94,8 @@ class BlockLayout:
             axes = [
                 axis
                 for axis, dim in enumerate(merged)
-                if max_preconditioned_dim is None or dim <= max_preconditioned_dim
+                if preconditioned[variable]
+                and (max_preconditioned_dim is None or dim <= max_preconditioned_dim)
             ]
             exponent = exponent_override or 2 * len(axes)
             factors_of_block = []
