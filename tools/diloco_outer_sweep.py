@@ -8,6 +8,7 @@ import json
 import sys
 
 import keras
+
 import tf_secondorder as tfso
 from tf_secondorder.bench import runner, tasks
 from tf_secondorder.bench.arguments import logical_strategy
