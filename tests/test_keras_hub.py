@@ -22,7 +22,7 @@ import pytest
 import tf_secondorder as tfso
 from tests.test_examples import run_example
 from tf_secondorder import cli
-from tf_secondorder.bench import tasks
+from tf_secondorder.bench import hub_tasks, tasks
 
 STEPS = 6
 CONTEXT = 64
@@ -38,7 +38,7 @@ def keras_hub():
 def task(keras_hub, tmp_path_factory):
     pytest.importorskip("tensorflow_datasets")
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    return tasks.pydoc_gpt2(
+    return hub_tasks.pydoc_gpt2(
         steps=STEPS, context=CONTEXT, batch_size=8, eval_windows=32, data_dir=data_dir
     )
 
@@ -184,7 +184,7 @@ def test_max_preconditioned_dim_leaves_a_large_vocabulary_out(keras_hub):
     the model, the 3-D kernels' included, is preconditioned."""
     from tf_secondorder.optimizers.base import slot_name
 
-    model = tasks.gpt2_language_model(context=32, vocabulary_size=1024)
+    model = hub_tasks.gpt2_language_model(context=32, vocabulary_size=1024)
     optimizer = tfso.Shampoo(max_preconditioned_dim=512)
     optimizer.build(model.trainable_variables)
     statistics = _statistics(optimizer)

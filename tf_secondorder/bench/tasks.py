@@ -37,10 +37,12 @@ class TaskUnavailable(RuntimeError):
 
 OFFLINE_TASKS = ("digits-ae", "pydoc-lm", "pydoc-gpt2")
 
-# keras-hub requires tensorflow-text, which requires the full `tensorflow`
-# build: with the `cpu` extra's tensorflow-cpu, pip would install a second
-# TensorFlow next to it. Hence the `gpu` extra, in a fresh environment.
-HUB_INSTALL = 'pip install -e ".[gpu,bench,hub]"'
+
+def _hub_tasks():
+    # Imported on use: it imports this module.
+    from tf_secondorder.bench import hub_tasks
+
+    return hub_tasks
 
 
 def _tfds():
@@ -53,20 +55,6 @@ def _tfds():
             "tensorflow-datasets importlib_resources)"
         ) from e
     return tfds
-
-
-def _keras_hub():
-    """keras_hub, or TaskUnavailable saying how to install it."""
-    try:
-        import keras_hub
-    except ImportError as e:
-        raise TaskUnavailable(
-            "task 'pydoc-gpt2' needs keras-hub, whose tensorflow-text requires "
-            "the full `tensorflow` build (not tensorflow-cpu): in a fresh "
-            f"virtual environment, {HUB_INSTALL}; its `tensorflow` wheel runs "
-            f'on CPUs too (README.md, "keras-hub models"). ({e})'
-        ) from e
-    return keras_hub
 
 
 def _offline_dataset(name, data_dir):
@@ -244,88 +232,6 @@ def pydoc_language_model(
     )
 
 
-def gpt2_language_model(
-    context=128,
-    vocabulary_size=256,
-    hidden_dim=128,
-    num_heads=4,
-    intermediate_dim=512,
-    num_layers=2,
-    seed=0,
-):
-    """keras-hub's GPT-2 built from a config (no preset, nothing downloaded).
-
-    `keras_hub.models.GPT2Backbone` with logits from its tied token embedding
-    (`backbone.token_embedding(h, reverse=True)`, a `ReversibleEmbedding`),
-    as `keras_hub.models.GPT2CausalLM` computes them. Token ids
-    `[batch, context]` -> logits `[batch, context, vocabulary_size]`; every
-    position attends (padding mask of ones). Byte ids are those of
-    `keras_hub.tokenizers.ByteTokenizer(lowercase=False)`. No dropout, as in
-    `pydoc-lm`. The shapes Shampoo meets: a `[vocabulary, hidden]` embedding
-    used at both ends, 3-D attention kernels (`[hidden, heads, head_dim]`,
-    `[heads, head_dim, hidden]`), LayerNorm vectors, 2-D biases.
-    """
-    keras_hub = _keras_hub()
-    keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=vocabulary_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        hidden_dim=hidden_dim,
-        intermediate_dim=intermediate_dim,
-        dropout=0.0,
-        max_sequence_length=context,
-    )
-    tokens = keras.Input((context,), dtype="int32", name="token_ids")
-    hidden = backbone(
-        {"token_ids": tokens, "padding_mask": keras.ops.ones_like(tokens)}
-    )
-    logits = backbone.token_embedding(hidden, reverse=True)
-    return keras.Model(tokens, logits, name="pydoc_gpt2")
-
-
-def pydoc_gpt2(steps=2000, context=128, batch_size=32, eval_windows=256, data_dir=None):
-    """`pydoc-gpt2`: keras-hub's GPT-2 (`gpt2_language_model`) on pydoc-lm's data.
-
-    The same corpus, windows, batches and held-out loss as `pydoc-lm`, and a
-    model of its shape (2 blocks, width 128, 4 heads, MLP 512, context 128),
-    so the two tasks' results compare; the model is keras-hub's, with the
-    output projection tied to the token embedding (`pydoc-lm` has its own).
-    """
-    _keras_hub()  # says what to install before any data is built
-    task = pydoc_language_model(
-        steps=steps,
-        context=context,
-        batch_size=batch_size,
-        eval_windows=eval_windows,
-        data_dir=data_dir,
-    )
-    windows = task.make_dataset
-
-    def make_dataset(seed, batch_size=batch_size):
-        # The windows' static shape is [batch, None] (a slice at a random
-        # start); keras-hub's position embedding slices its table to the
-        # input's length, so with None its gradient's static shape is unknown
-        # too, which the byte count of Keras's all-reduce under a strategy
-        # cannot read. Stating the length keeps every gradient's shape static.
-        shape = (batch_size, context)
-        return windows(seed, batch_size).map(
-            lambda x, y: (tf.ensure_shape(x, shape), tf.ensure_shape(y, shape))
-        )
-
-    return dataclasses.replace(
-        task,
-        name="pydoc-gpt2",
-        make_model=lambda seed: gpt2_language_model(context=context, seed=seed),
-        make_dataset=make_dataset,
-        info={
-            **task.info,
-            "model": "keras_hub.models.GPT2Backbone (2 layers, hidden 128, "
-            "4 heads, intermediate 512), tied reversible embedding",
-        },
-    )
-
-
 def _prepared_builder(name, data_dir):
     """The TFDS builder of `name` when its data is prepared in `data_dir`.
 
@@ -439,7 +345,7 @@ def tfds_classifier(name, steps=2000, batch_size=128, data_dir=None):
 TASKS = {
     "digits-ae": (digits_autoencoder, 2000, 50),
     "pydoc-lm": (pydoc_language_model, 2000, 100),
-    "pydoc-gpt2": (pydoc_gpt2, 2000, 100),
+    "pydoc-gpt2": (lambda **kw: _hub_tasks().pydoc_gpt2(**kw), 2000, 100),
     "mnist": (lambda **kw: tfds_classifier("mnist", **kw), 2000, 100),
     "cifar10": (lambda **kw: tfds_classifier("cifar10", **kw), 2000, 100),
 }
