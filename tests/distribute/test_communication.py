@@ -508,3 +508,18 @@ def test_gradients_of_unknown_static_shape(mirrored, make, expected):
     # element whatever the gradient's scale.
     for value in mirrored.experimental_local_results(variable):
         np.testing.assert_allclose(value.numpy(), np.full((3, 4), expected), rtol=1e-5)
+
+
+def test_shampoo_gradient_of_unknown_static_shape_without_a_strategy():
+    # Without a strategy Keras calls no reduction: Shampoo's own blocking
+    # must take the variable's shape.
+    variable = tf.Variable(tf.ones((3, 4)))
+    optimizer = tfso.Shampoo(0.1)
+    optimizer.build([variable])
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def step(flat):
+        optimizer.apply_gradients([(tf.reshape(flat, [-1, 4]), variable)])
+
+    step(tf.ones([12]))
+    np.testing.assert_allclose(variable.numpy(), np.full((3, 4), 0.9), rtol=1e-5)
