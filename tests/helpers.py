@@ -166,8 +166,8 @@ def shampoo_factor_pairs(model, optimizer, block_size):
     """[(statistics variable, preconditioner variable, p)] of a built Shampoo,
     in creation order (variable, block, axis), found from public names only:
     a slot is `<optimizer>/<variable path with _>_statistics_<tag>` and its
-    root `..._preconditioner_<tag>`; Shampoo's default p is twice the order
-    of the variable's merged shape."""
+    root `..._preconditioner_<tag>`; p is the optimizer's `exponent_override`
+    or, when that is None, twice the order of the variable's merged shape."""
     from tf_secondorder.linalg import merge_dims
 
     prefixes = sorted(
@@ -185,7 +185,8 @@ def shampoo_factor_pairs(model, optimizer, block_size):
         root = by_path[variable.path.replace("_statistics_", "_preconditioner_")]
         name = variable.path.split("/")[-1]
         shape = next(s for prefix, s in prefixes if name.startswith(prefix + "_"))
-        pairs.append((variable, root, 2 * len(merge_dims(shape, block_size))))
+        p = optimizer.exponent_override or 2 * len(merge_dims(shape, block_size))
+        pairs.append((variable, root, p))
     assert pairs, "no Shampoo statistics found"
     return pairs
 

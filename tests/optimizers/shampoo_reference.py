@@ -52,8 +52,9 @@ class NumpyShampoo:
         grafting="adam",
         grafting_epsilon=1e-8,
         nesterov=False,
-        exponent_override=None,
+        exponent_override=2,
         max_preconditioned_dim=None,
+        precondition_1d=False,
         weight_decay=None,
         root_fn=None,
     ):
@@ -71,10 +72,12 @@ class NumpyShampoo:
         self.params = []
         for shape in shapes:
             merged = reference_merged_shape(shape, block_size)
+            is_vector = sum(d > 1 for d in shape) <= 1
             axes = [
                 a
                 for a, n in enumerate(merged)
-                if max_preconditioned_dim is None or n <= max_preconditioned_dim
+                if (max_preconditioned_dim is None or n <= max_preconditioned_dim)
+                and (precondition_1d or not is_vector)
             ]
             blocks = reference_block_slices(merged, block_size) if merged else []
             stats, roots = {}, {}

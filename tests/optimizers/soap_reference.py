@@ -31,6 +31,7 @@ class NumpySOAP:
         start_preconditioning_step=1,
         max_preconditioned_dim=None,
         weight_decay=None,
+        precondition_1d=False,
     ):
         self.lr, self.b1, self.b2, self.eps = learning_rate, beta1, beta2, epsilon
         self.bs = beta2 if shampoo_beta is None else shampoo_beta
@@ -44,10 +45,12 @@ class NumpySOAP:
         for shape in shapes:
             merged = reference_merged_shape(shape, block_size)
             blocks = reference_block_slices(merged, block_size) if merged else []
+            is_vector = sum(d > 1 for d in shape) <= 1
             axes = [
                 a
                 for a, n in enumerate(merged)
-                if max_preconditioned_dim is None or n <= max_preconditioned_dim
+                if (max_preconditioned_dim is None or n <= max_preconditioned_dim)
+                and (precondition_1d or not is_vector)
             ]
             stats, bases = {}, {}
             for b, slices in enumerate(blocks):

@@ -59,7 +59,8 @@ def test_excluded_embedding_gets_adams_update(make, effective_epsilon):
     grad = tf.convert_to_tensor(
         tape.gradient(loss, model.get_layer("embedding").embeddings)
     ).numpy()
-    optimizer = make(0.01, precondition_frequency=1)
+    # precondition_1d: the (16, 1) output kernel gets statistics too.
+    optimizer = make(0.01, precondition_frequency=1, precondition_1d=True)
     model.compile(optimizer=optimizer, loss="mse")
     optimizer.exclude_from_preconditioning(var_names=["embedding"])
     model.train_on_batch(x, y)

@@ -35,7 +35,14 @@ class TaskUnavailable(RuntimeError):
     """The task's data (or TensorFlow Datasets itself) is not on this machine."""
 
 
-OFFLINE_TASKS = ("digits-ae", "pydoc-lm", "pydoc-gpt2")
+OFFLINE_TASKS = ("digits-ae", "pydoc-lm", "digits-cnn", "pydoc-encoder", "pydoc-gpt2")
+
+
+def _cnn_and_encoder_tasks():
+    # Imported on use: it imports this module.
+    from tf_secondorder.bench import cnn_and_encoder_tasks
+
+    return cnn_and_encoder_tasks
 
 
 def _hub_tasks():
@@ -163,17 +170,28 @@ def pydoc_splits(data_dir=None):
     return tuple(splits)
 
 
-def byte_transformer(context=128, d_model=128, heads=4, mlp=512, blocks=2, seed=0):
-    """A pre-norm byte-level Transformer language model (logits over 256 bytes)."""
+def byte_transformer(
+    context=128,
+    d_model=128,
+    heads=4,
+    mlp=512,
+    blocks=2,
+    seed=0,
+    vocabulary=256,
+    causal=True,
+):
+    """A pre-norm byte-level Transformer (logits over 256 bytes): a language
+    model with `causal`, an encoder without; `vocabulary` may add tokens
+    (a mask) to the input."""
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((context,), dtype="int32")
-    x = keras.layers.Embedding(256, d_model)(tokens)
+    x = keras.layers.Embedding(vocabulary, d_model)(tokens)
     positions = keras.ops.arange(context)
     x = x + keras.layers.Embedding(context, d_model)(positions)
     for _ in range(blocks):
         h = keras.layers.LayerNormalization()(x)
         h = keras.layers.MultiHeadAttention(heads, d_model // heads)(
-            h, h, use_causal_mask=True
+            h, h, use_causal_mask=causal
         )
         x = x + h
         h = keras.layers.LayerNormalization()(x)
@@ -345,6 +363,12 @@ def tfds_classifier(name, steps=2000, batch_size=128, data_dir=None):
 TASKS = {
     "digits-ae": (digits_autoencoder, 2000, 50),
     "pydoc-lm": (pydoc_language_model, 2000, 100),
+    "digits-cnn": (lambda **kw: _cnn_and_encoder_tasks().digits_cnn(**kw), 1000, 50),
+    "pydoc-encoder": (
+        lambda **kw: _cnn_and_encoder_tasks().pydoc_encoder(**kw),
+        1000,
+        50,
+    ),
     "pydoc-gpt2": (lambda **kw: _hub_tasks().pydoc_gpt2(**kw), 2000, 100),
     "mnist": (lambda **kw: tfds_classifier("mnist", **kw), 2000, 100),
     "cifar10": (lambda **kw: tfds_classifier("cifar10", **kw), 2000, 100),

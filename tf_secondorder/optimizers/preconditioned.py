@@ -33,7 +33,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     Args:
         block_size, precondition_frequency, start_preconditioning_step,
         statistics_frequency, max_preconditioned_dim, statistics_dtype,
-        distribute_roots: as documented by Shampoo and SOAP.
+        distribute_roots, precondition_1d: as documented by Shampoo and SOAP.
     """
 
     def __init__(
@@ -46,6 +46,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         max_preconditioned_dim,
         statistics_dtype,
         distribute_roots,
+        precondition_1d,
         **kwargs,
     ):
         options = {
@@ -71,6 +72,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             "distribute_roots": validation.choice(
                 "distribute_roots", distribute_roots, DISTRIBUTE_ROOTS
             ),
+            "precondition_1d": validation.boolean("precondition_1d", precondition_1d),
         }
         if distribute_roots is True and kwargs.get("average_every") is not None:
             validation.fail(
@@ -145,7 +147,11 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         self._unpreconditioned_names = tuple(var_names)
 
     def is_preconditioned(self, variable):
-        """False for a variable left out by `exclude_from_preconditioning`."""
+        """False for a variable left out by `exclude_from_preconditioning`
+        and, unless `precondition_1d`, for a vector (at most one dimension
+        longer than 1, e.g. a bias or a normalization scale)."""
+        if not self.precondition_1d and sum(int(d) > 1 for d in variable.shape) <= 1:
+            return False
         if self._var_key(variable) in getattr(self, "_unpreconditioned_keys", ()):
             return False
         path = getattr(variable, "path", variable.name)
@@ -316,6 +322,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 "max_preconditioned_dim": self.max_preconditioned_dim,
                 "statistics_dtype": self.statistics_dtype,
                 "distribute_roots": self.distribute_roots,
+                "precondition_1d": self.precondition_1d,
             }
         )
         return config

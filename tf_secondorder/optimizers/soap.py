@@ -64,6 +64,9 @@ class SOAP(PreconditionedOptimizer):
         statistics_dtype: `None`/`"float32"` or `"bfloat16"` (stochastic
             rounding), as in Shampoo.
         distribute_roots: `"auto"`, `True` or `False`, as in Shampoo.
+        precondition_1d: whether vectors (biases, normalization scales) get
+            a basis. Defaults to `False`, as in the authors' code: they get
+            Adam's update.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
@@ -96,6 +99,7 @@ class SOAP(PreconditionedOptimizer):
         max_preconditioned_dim=None,
         statistics_dtype=None,
         distribute_roots="auto",
+        precondition_1d=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -129,6 +133,7 @@ class SOAP(PreconditionedOptimizer):
             max_preconditioned_dim=max_preconditioned_dim,
             statistics_dtype=statistics_dtype,
             distribute_roots=distribute_roots,
+            precondition_1d=precondition_1d,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
