@@ -55,6 +55,7 @@ class NumpyShampoo:
         exponent_override=2,
         max_preconditioned_dim=None,
         precondition_1d=False,
+        packed_statistics=False,  # storage only: the same numbers
         weight_decay=None,
         root_fn=None,
     ):

@@ -32,6 +32,7 @@ class NumpySOAP:
         max_preconditioned_dim=None,
         weight_decay=None,
         precondition_1d=False,
+        packed_statistics=False,  # storage only: the same numbers
     ):
         self.lr, self.b1, self.b2, self.eps = learning_rate, beta1, beta2, epsilon
         self.bs = beta2 if shampoo_beta is None else shampoo_beta

@@ -65,6 +65,7 @@ BASE = dict(
         dict(grafting="adagrad", beta1=0.0),
         dict(grafting="rmsprop", exponent_override=2, weight_decay=0.1),
         dict(grafting=None, beta2=1.0),
+        dict(precondition_1d=True, exponent_override=None, packed_statistics=True),
     ],
     ids=[
         "adam",
@@ -72,6 +73,7 @@ BASE = dict(
         "adagrad-nomomentum",
         "rmsprop-exp2-wd",
         "none-sum",
+        "vectors-p2k-packed",
     ],
 )
 def test_matches_reference_float64(options):

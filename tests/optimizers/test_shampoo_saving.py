@@ -23,6 +23,9 @@ CONFIG = dict(
     block_size=8,
     epsilon=1e-4,
     statistics_dtype="bfloat16",
+    # The memory options: statistics stored once, roots in bfloat16.
+    packed_statistics=True,
+    preconditioner_dtype="bfloat16",
     grafting="adam",
     nesterov=True,
 )

@@ -59,8 +59,9 @@ def _run_both(dtype, steps=STEPS, **options):
         dict(),
         dict(shampoo_beta=0.99, beta1=0.9, beta2=0.99, weight_decay=0.1),
         dict(max_preconditioned_dim=8, epsilon=1e-6),
+        dict(precondition_1d=True, packed_statistics=True),
     ],
-    ids=["defaults", "betas-wd", "max-dim"],
+    ids=["defaults", "betas-wd", "max-dim", "vectors-packed"],
 )
 def test_matches_reference_float64(options):
     got, want, opt = _run_both("float64", **BASE, **options)

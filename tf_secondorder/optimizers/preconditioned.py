@@ -14,6 +14,7 @@ import tensorflow as tf
 from tf_secondorder import validation
 from tf_secondorder.compat.graph import in_xla_context
 from tf_secondorder.distribute import sharding
+from tf_secondorder.linalg import pack_symmetric, packed_size, unpack_symmetric
 from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
 from tf_secondorder.preconditioning import kronecker
 from tf_secondorder.preconditioning.layout import BlockLayout
@@ -33,7 +34,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     Args:
         block_size, precondition_frequency, start_preconditioning_step,
         statistics_frequency, max_preconditioned_dim, statistics_dtype,
-        distribute_roots, precondition_1d: as documented by Shampoo and SOAP.
+        distribute_roots, precondition_1d, packed_statistics: as documented
+            by Shampoo and SOAP.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         statistics_dtype,
         distribute_roots,
         precondition_1d,
+        packed_statistics,
         **kwargs,
     ):
         options = {
@@ -73,6 +76,9 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 "distribute_roots", distribute_roots, DISTRIBUTE_ROOTS
             ),
             "precondition_1d": validation.boolean("precondition_1d", precondition_1d),
+            "packed_statistics": validation.boolean(
+                "packed_statistics", packed_statistics
+            ),
         }
         if distribute_roots is True and kwargs.get("average_every") is not None:
             validation.fail(
@@ -165,7 +171,9 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         self._layout = self.make_layout(var_list)
         self._statistics = [
             self.add_variable(
-                (factor.size, factor.size),
+                (packed_size(factor.size),)
+                if self.packed_statistics
+                else (factor.size, factor.size),
                 initializer="zeros",
                 dtype=self.statistics_dtype or factor.dtype,
                 name=slot_name(var_list[factor.variable], f"statistics_{factor.tag}"),
@@ -246,11 +254,21 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self._layout,
             self.statistics_beta,
             present,
-            [read(s) for s in self._statistics],
+            [self.statistic(i) for i in range(len(self._statistics))],
             self.step_number(),
         )
         for index, value in updated.items():
+            if self.packed_statistics:
+                value = pack_symmetric(value)
             self.assign(self._statistics[index], value)
+
+    def statistic(self, index):
+        """Factor `index`'s statistic as an n×n tensor in its storage dtype
+        (unpacked when `packed_statistics`)."""
+        value = read(self._statistics[index])
+        if self.packed_statistics:
+            return unpack_symmetric(value, self._layout.factors[index].size)
+        return value
 
     # -- the refresh --------------------------------------------------------
 
@@ -323,6 +341,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 "statistics_dtype": self.statistics_dtype,
                 "distribute_roots": self.distribute_roots,
                 "precondition_1d": self.precondition_1d,
+                "packed_statistics": self.packed_statistics,
             }
         )
         return config

@@ -92,6 +92,10 @@ class Shampoo(PreconditionedOptimizer):
             used in float32; storing rounds each entry to 8 bits of
             mantissa, a relative change of at most 2^−9 in the step's
             direction per entry, which grafting's rescaling does not amplify.
+        packed_statistics: store each statistic once, as its upper
+            triangle (n(n+1)/2 numbers instead of n²): about half their
+            memory, exactly the same numbers, for one gather per statistic
+            read or written. Defaults to `False`.
         precondition_1d: whether vectors (at most one dimension longer than
             1: biases, normalization scales) get full-matrix statistics.
             Defaults to `False`: they get the grafting update alone, as in
@@ -141,6 +145,7 @@ class Shampoo(PreconditionedOptimizer):
         distribute_roots="auto",
         precondition_1d=False,
         preconditioner_dtype=None,
+        packed_statistics=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -181,6 +186,7 @@ class Shampoo(PreconditionedOptimizer):
             statistics_dtype=statistics_dtype,
             distribute_roots=distribute_roots,
             precondition_1d=precondition_1d,
+            packed_statistics=packed_statistics,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -263,7 +269,7 @@ class Shampoo(PreconditionedOptimizer):
             groups.setdefault((f.size, f.exponent, f.dtype), []).append(i)
         roots, failures = {}, tf.constant(0, tf.int64)
         for (_, exponent, dtype), indices in groups.items():
-            stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
+            stats = tf.stack([tf.cast(self.statistic(i), dtype) for i in indices])
             new, ok, _ = inverse_pth_root(
                 stats,
                 exponent,

@@ -64,6 +64,8 @@ class SOAP(PreconditionedOptimizer):
         statistics_dtype: `None`/`"float32"` or `"bfloat16"` (stochastic
             rounding), as in Shampoo.
         distribute_roots: `"auto"`, `True` or `False`, as in Shampoo.
+        packed_statistics: store each statistic as its upper triangle, as
+            in Shampoo. Defaults to `False`.
         precondition_1d: whether vectors (biases, normalization scales) get
             a basis. Defaults to `False`, as in the authors' code: they get
             Adam's update.
@@ -100,6 +102,7 @@ class SOAP(PreconditionedOptimizer):
         statistics_dtype=None,
         distribute_roots="auto",
         precondition_1d=False,
+        packed_statistics=False,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -134,6 +137,7 @@ class SOAP(PreconditionedOptimizer):
             statistics_dtype=statistics_dtype,
             distribute_roots=distribute_roots,
             precondition_1d=precondition_1d,
+            packed_statistics=packed_statistics,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -200,7 +204,7 @@ class SOAP(PreconditionedOptimizer):
         first = tf.equal(self.step_number(), self.start_step)
         results, failures = {}, tf.constant(0, tf.int64)
         for (size, dtype), indices in groups.items():
-            stats = tf.stack([tf.cast(self._statistics[i], dtype) for i in indices])
+            stats = tf.stack([tf.cast(self.statistic(i), dtype) for i in indices])
             old = tf.stack([read(self._bases[i]) for i in indices])
             identity = tf.range(size)[None, :] + tf.zeros_like(old[:, 0, :1], tf.int32)
             finite = tf.reduce_all(tf.math.is_finite(stats), axis=[-2, -1])
