@@ -16,14 +16,14 @@ def packed_size(n):
     return n * (n + 1) // 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _upper_positions(n):
     """Flat positions i·n + j of the upper triangle (i <= j), row by row."""
     rows, cols = np.triu_indices(n)
     return (rows * n + cols).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _packed_positions(n):
     """[n, n]: where entry (i, j) = (j, i) lives in the packed vector."""
     positions = np.zeros((n, n), np.int32)
