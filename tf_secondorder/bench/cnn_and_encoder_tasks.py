@@ -95,7 +95,7 @@ def _mask(windows, rng):
 
 
 def pydoc_encoder(
-    steps=1000, context=128, batch_size=32, eval_windows=256, data_dir=None
+    steps=600, context=128, batch_size=32, eval_windows=256, data_dir=None
 ):
     """`pydoc-encoder`: masked-byte Transformer encoder on the pydoc corpus."""
     train, held_out = tasks.pydoc_splits(data_dir)

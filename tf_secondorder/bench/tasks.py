@@ -366,7 +366,7 @@ TASKS = {
     "digits-cnn": (lambda **kw: _cnn_and_encoder_tasks().digits_cnn(**kw), 1000, 50),
     "pydoc-encoder": (
         lambda **kw: _cnn_and_encoder_tasks().pydoc_encoder(**kw),
-        1000,
+        600,
         50,
     ),
     "pydoc-gpt2": (lambda **kw: _hub_tasks().pydoc_gpt2(**kw), 2000, 100),

@@ -1,0 +1,80 @@
+"""The conv-net and encoder bench tasks: their data, masks and models."""
+
+import keras
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+import tf_secondorder as tfso  # noqa: E402
+from tf_secondorder.bench import (  # noqa: E402
+    cnn_and_encoder_tasks,
+    runner,
+    tasks,
+    tfds_builders,
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tfds")
+    tfds_builders.prepare(str(path))
+    return str(path)
+
+
+def _shifts(image):
+    """The 9 shifts of an 8x8 image by up to one pixel, zero-filled."""
+    padded = np.pad(image, 1)
+    return [padded[dy : dy + 8, dx : dx + 8] for dy in range(3) for dx in range(3)]
+
+
+def test_digits_cnn_batches_are_shifted_digits_with_their_labels(data_dir):
+    task = tasks.get_task("digits-cnn", steps=4, data_dir=data_dir)
+    assert task.info["examples"] + task.info["held_out"] == 1797
+    x, y = tasks.digits_images(data_dir)
+    digits = x.reshape(-1, 8, 8)
+    candidates = {}
+    for image, label in zip(digits, y):
+        for shifted in _shifts(image):
+            candidates.setdefault(shifted.tobytes(), set()).add(int(label))
+    images, labels = next(iter(task.make_dataset(0)))
+    assert images.shape == (64, 8, 8, 1)
+    for image, label in zip(images.numpy()[..., 0], labels.numpy()):
+        assert int(label) in candidates[image.tobytes()]
+
+
+def test_digits_cnn_trains_with_conv_statistics_and_batchnorm(data_dir):
+    task = tasks.get_task("digits-cnn", steps=60, data_dir=data_dir)
+    task.eval_every = 30
+    model = task.make_model(0)
+    assert any(isinstance(la, keras.layers.BatchNormalization) for la in model.layers)
+    optimizer = tfso.Shampoo()
+    optimizer.build(model.trainable_variables)
+    paths = [v.path for v in optimizer.variables if "_statistics_" in v.path]
+    # Every 3x3 conv kernel gets statistics; BatchNorm's vectors do not.
+    assert sum("conv2d" in p for p in paths) >= 4 * 2
+    assert not any("batch_normalization" in p for p in paths)
+    initial = task.evaluate(model)
+    result = runner.run(task, "shampoo", 3e-3, verbose=0)
+    assert result["final_loss"] < 0.8 * initial
+
+
+def test_pydoc_encoder_masks_like_bert_and_attends_both_ways(data_dir):
+    task = tasks.get_task("pydoc-encoder", steps=4, data_dir=data_dir)
+    inputs, targets, weights = (t.numpy() for t in next(iter(task.make_dataset(0))))
+    chosen = weights == 1.0
+    assert set(np.unique(weights)) <= {0.0, 1.0}
+    # 4096 positions: the chosen share is 0.15 within ~4 standard deviations.
+    assert abs(chosen.mean() - 0.15) < 0.025
+    np.testing.assert_array_equal(inputs[~chosen], targets[~chosen])
+    masked = inputs[chosen] == cnn_and_encoder_tasks.MASK_TOKEN
+    assert abs(masked.mean() - 0.8) < 0.07
+    assert targets.max() < 256 and inputs.max() <= cnn_and_encoder_tasks.MASK_TOKEN
+
+    model = task.make_model(0)
+    changed = inputs[:1].copy()
+    changed[0, -1] = (changed[0, -1] + 1) % 256
+    first = model(inputs[:1])[0, 0].numpy()
+    assert not np.allclose(first, model(changed)[0, 0].numpy())
+    # An untrained model predicts about uniformly over 256 bytes.
+    assert abs(task.evaluate(model) - np.log(256)) < 0.5
