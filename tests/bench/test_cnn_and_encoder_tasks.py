@@ -54,9 +54,16 @@ def test_digits_cnn_trains_with_conv_statistics_and_batchnorm(data_dir):
     # Every 3x3 conv kernel gets statistics; BatchNorm's vectors do not.
     assert sum("conv2d" in p for p in paths) >= 4 * 2
     assert not any("batch_normalization" in p for p in paths)
-    initial = task.evaluate(model)
+    # The training loss: the held-out one is measured in inference mode, with
+    # BatchNorm's moving averages, which lag behind for the first few hundred
+    # steps (momentum 0.99).
+    model.compile(optimizer=optimizer, loss=task.loss)
+    history = model.fit(
+        task.make_dataset(0), steps_per_epoch=40, epochs=2, verbose=0
+    ).history["loss"]
+    assert history[1] < 0.8 * history[0], history
     result = runner.run(task, "shampoo", 3e-3, verbose=0)
-    assert result["final_loss"] < 0.8 * initial
+    assert np.isfinite(result["final_loss"]) and len(result["curve"]) == 2
 
 
 def test_pydoc_encoder_masks_like_bert_and_attends_both_ways(data_dir):
