@@ -44,6 +44,7 @@ class NumpyShampoo:
         learning_rate=1e-2,
         beta1=0.9,
         beta2=0.999,
+        shampoo_beta=None,
         epsilon=1e-6,
         block_size=256,
         precondition_frequency=100,
@@ -64,6 +65,7 @@ class NumpyShampoo:
         self.root_fn = root_fn or (lambda i, key, s, p, eps: reference_root(s, p, eps))
         self.lr = learning_rate
         self.b1, self.b2, self.eps = beta1, beta2, epsilon
+        self.bs = beta2 if shampoo_beta is None else shampoo_beta
         self.freq = precondition_frequency
         self.start = start_preconditioning_step or precondition_frequency
         self.stat_freq = statistics_frequency
@@ -122,7 +124,7 @@ class NumpyShampoo:
                 others = [i for i in range(blk.ndim) if i != a]
                 gram = np.tensordot(blk, blk, axes=(others, others))
                 st["stats"][b, a] = (
-                    s + gram if self.b2 == 1 else self.b2 * s + (1 - self.b2) * gram
+                    s + gram if self.bs == 1 else self.bs * s + (1 - self.bs) * gram
                 )
         if t >= self.start and (t - self.start) % self.freq == 0:
             for i, st in enumerate(self.params):

@@ -62,6 +62,7 @@ BASE = dict(
     [
         dict(grafting="adam"),
         dict(grafting="sgd", nesterov=True, beta2=0.95, statistics_frequency=3),
+        dict(grafting="adam", shampoo_beta=0.9),
         dict(grafting="adagrad", beta1=0.0),
         dict(grafting="rmsprop", exponent_override=2, weight_decay=0.1),
         dict(grafting=None, beta2=1.0),
@@ -70,6 +71,7 @@ BASE = dict(
     ids=[
         "adam",
         "sgd-nesterov-stats3",
+        "shampoo-beta",
         "adagrad-nomomentum",
         "rmsprop-exp2-wd",
         "none-sum",

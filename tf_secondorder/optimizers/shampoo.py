@@ -28,7 +28,7 @@ class Shampoo(PreconditionedOptimizer):
     at most `block_size` per side. For a block G of order k, each dimension i
     (of length at most `max_preconditioned_dim`) keeps a statistic
 
-        S_i ← β2·S_i + (1 − β2)·G_(i) G_(i)ᵀ       (β2 = 1: a plain sum)
+        S_i ← β_s·S_i + (1 − β_s)·G_(i) G_(i)ᵀ     (β_s = 1: a plain sum)
 
     where G_(i) is G unfolded along dimension i. At steps `start`,
     `start + N`, `start + 2N`, ... (N = `precondition_frequency`) every
@@ -52,7 +52,10 @@ class Shampoo(PreconditionedOptimizer):
     Args:
         learning_rate: float, schedule or callable. Defaults to `0.001`.
         beta1: momentum of the update, in `[0, 1)`. Defaults to `0.9`.
-        beta2: decay of the statistics, in `(0, 1]`. Defaults to `0.999`.
+        beta2: decay of the grafting optimizer's second moment, in
+            `(0, 1]`. Defaults to `0.999`.
+        shampoo_beta: β_s, the decay of the statistics, in `(0, 1]`; `None`
+            (the default) means `beta2`.
         epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-6`:
             an inverse 4th root loses about log2(κ/4) bits (Overton), so in
             float32 a condition number beyond ~1e6 leaves the root noise.
@@ -130,6 +133,7 @@ class Shampoo(PreconditionedOptimizer):
         learning_rate=0.001,
         beta1=0.9,
         beta2=0.999,
+        shampoo_beta=None,
         epsilon=1e-6,
         block_size=256,
         precondition_frequency=100,
@@ -162,6 +166,9 @@ class Shampoo(PreconditionedOptimizer):
         options = {
             "beta1": validation.number("beta1", beta1, 0.0, 1.0, high_open=True),
             "beta2": validation.number("beta2", beta2, 0.0, 1.0, low_open=True),
+            "shampoo_beta": validation.number(
+                "shampoo_beta", shampoo_beta, 0.0, 1.0, low_open=True, optional=True
+            ),
             "epsilon": validation.number("epsilon", epsilon, 0.0),
             "grafting": validation.choice("grafting", grafting, GRAFTING_TYPES),
             "grafting_epsilon": validation.number(
@@ -210,7 +217,7 @@ class Shampoo(PreconditionedOptimizer):
 
     @property
     def statistics_beta(self):
-        return self.beta2
+        return self.beta2 if self.shampoo_beta is None else self.shampoo_beta
 
     def make_layout(self, var_list):
         return BlockLayout(
@@ -320,6 +327,7 @@ class Shampoo(PreconditionedOptimizer):
             {
                 "beta1": self.beta1,
                 "beta2": self.beta2,
+                "shampoo_beta": self.shampoo_beta,
                 "epsilon": self.epsilon,
                 "grafting": self.grafting,
                 "grafting_epsilon": self.grafting_epsilon,
