@@ -44,7 +44,7 @@ class NumpyShampoo:
         learning_rate=1e-2,
         beta1=0.9,
         beta2=0.999,
-        shampoo_beta=None,
+        shampoo_beta=0.95,
         epsilon=1e-6,
         block_size=256,
         precondition_frequency=100,

@@ -55,7 +55,12 @@ class Shampoo(PreconditionedOptimizer):
         beta2: decay of the grafting optimizer's second moment, in
             `(0, 1]`. Defaults to `0.999`.
         shampoo_beta: β_s, the decay of the statistics, in `(0, 1]`; `None`
-            (the default) means `beta2`.
+            means `beta2`. Defaults to `0.95` (SOAP's default too): with
+            statistics every 5 steps the roots see about the last 100
+            steps. On the digits autoencoder it reached Adam's loss in 700
+            steps on each of 3 seeds, against 750–800 at 0.9/0.8, 800–850
+            at 0.99 and 850–900 at 0.999 (`beta2`); the roots of older
+            statistics describe a curvature the weights have left.
         epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-6`:
             an inverse 4th root loses about log2(κ/4) bits (Overton), so in
             float32 a condition number beyond ~1e6 leaves the root noise.
@@ -133,7 +138,7 @@ class Shampoo(PreconditionedOptimizer):
         learning_rate=0.001,
         beta1=0.9,
         beta2=0.999,
-        shampoo_beta=None,
+        shampoo_beta=0.95,
         epsilon=1e-6,
         block_size=256,
         precondition_frequency=100,
