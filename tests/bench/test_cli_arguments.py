@@ -103,16 +103,6 @@ def test_eval_every_defaults_to_a_divisor_of_steps():
     assert arguments.schedule("digits-ae", 120, 60) == (120, 60, None)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    pytest.importorskip("tensorflow_datasets")
-    from tf_secondorder.bench import tfds_builders
-
-    path = tmp_path_factory.mktemp("tfds")
-    tfds_builders.prepare(str(path))
-    return str(path)
-
-
 def test_a_bad_option_value_fails_before_the_first_run(data_dir, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a run started")

@@ -11,15 +11,7 @@ from tf_secondorder.bench import (  # noqa: E402
     cnn_and_encoder_tasks,
     runner,
     tasks,
-    tfds_builders,
 )
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    tfds_builders.prepare(str(path))
-    return str(path)
 
 
 def _shifts(image):

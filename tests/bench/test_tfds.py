@@ -18,13 +18,6 @@ from tf_secondorder import cli  # noqa: E402
 from tf_secondorder.bench import tasks, tfds_builders  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tfds")
-    tfds_builders.prepare(str(path))
-    return str(path)
-
-
 def test_offline_datasets_hold_exactly_the_source_arrays(data_dir):
     from sklearn.datasets import load_digits
 
