@@ -158,9 +158,27 @@ def test_config_round_trip():
     serialized = keras.optimizers.serialize(opt)
     again = tfso.Shampoo.from_config(opt.get_config())
     assert keras.optimizers.serialize(again) == serialized
+
     restored = keras.optimizers.deserialize(copy.deepcopy(serialized))
     assert isinstance(restored, tfso.Shampoo)
     assert keras.optimizers.serialize(restored) == serialized
     config = serialized["config"]
     assert config["precondition_frequency"] == 7 and config["grafting"] == "rmsprop"
     assert config["learning_rate"]["class_name"] == "CosineDecay"
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_a_config_from_before_the_new_options_keeps_its_meaning(make):
+    # Saved before `precondition_1d` and Shampoo's `shampoo_beta` existed:
+    # vectors were preconditioned and the statistics decayed with beta2.
+    config = make().get_config()
+    new_keys = ["precondition_1d", "packed_statistics"]
+    if make is tfso.Shampoo:
+        new_keys += ["shampoo_beta", "preconditioner_dtype"]
+    for key in new_keys:
+        del config[key]
+    old = make.from_config(config)
+    assert old.precondition_1d is True and old.packed_statistics is False
+    if make is tfso.Shampoo:
+        assert old.shampoo_beta is None and old.statistics_beta == old.beta2
+    assert make().precondition_1d is False

@@ -329,6 +329,13 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         self.store_refreshed([results[i] for i in range(len(self._layout.factors))])
         self._root_failures.assign_add(tf.cast(failures, tf.int64))
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # A config saved before `precondition_1d` existed meant vectors were
+        # preconditioned; keep that, so its saved state fits the layout.
+        config = {"precondition_1d": True, **config}
+        return super().from_config(config, custom_objects=custom_objects)
+
     def get_config(self):
         config = super().get_config()
         config.update(

@@ -75,7 +75,7 @@ class Shampoo(PreconditionedOptimizer):
             only on steps t with t % statistics_frequency == 0 (before it,
             every step). Their cost is ~2(m+n)/(3·tokens)
             of a step's forward+backward, large at small batches; the EMA
-            horizon becomes statistics_frequency/(1 − β2) steps. Defaults to
+            horizon becomes statistics_frequency/(1 − β_s) steps. Defaults to
             `5`: measured on the digits autoencoder, the same steps to
             Adam's loss as every step, at a fifth of the cost.
         grafting: `"sgd"`, `"adagrad"`, `"rmsprop"`, `"adam"` or `None`.
@@ -325,6 +325,12 @@ class Shampoo(PreconditionedOptimizer):
             if momentum is not None:
                 self.assign(self._momentums[index], momentum)
             self.assign_sub(by_index[index], delta)
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # Before `shampoo_beta` existed the statistics decayed with `beta2`.
+        config = {"shampoo_beta": None, **config}
+        return super().from_config(config, custom_objects=custom_objects)
 
     def get_config(self):
         config = super().get_config()
