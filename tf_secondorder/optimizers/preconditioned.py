@@ -16,6 +16,13 @@ from tf_secondorder.compat.graph import in_xla_context
 from tf_secondorder.distribute import sharding
 from tf_secondorder.linalg import pack_symmetric, packed_size, unpack_symmetric
 from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
+from tf_secondorder.optimizers.tensors import (
+    compute_dtype,
+    dense,
+    no_op,
+    read,
+    static_shapes,
+)
 from tf_secondorder.preconditioning import kronecker
 from tf_secondorder.preconditioning.layout import BlockLayout
 
@@ -213,7 +220,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         def on_each_replica(fn):
             distribution.extended.update(
                 anchor,
-                lambda _, own: fn(_static_shapes(own, variables)),
+                lambda _, own: fn(static_shapes(own, variables)),
                 args=(grads,),
                 group=False,
             )
@@ -254,7 +261,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self._layout,
             self.statistics_beta,
             present,
-            [self.statistic(i) for i in range(len(self._statistics))],
+            self.statistic,
             self.step_number(),
         )
         for index, value in updated.items():
@@ -352,41 +359,6 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             }
         )
         return config
-
-
-def compute_dtype(variable):
-    """float64 for float64 models, float32 otherwise (also under mixed precision)."""
-    return "float64" if variable.dtype == "float64" else "float32"
-
-
-def read(variable):
-    """The variable's value as a tensor (Keras variable arithmetic would round
-    Python-float coefficients through floatx)."""
-    return tf.convert_to_tensor(variable)
-
-
-def dense(gradient, variable):
-    """The gradient as a dense tensor of the variable's dtype and static shape
-    (embedding gradients arrive as tf.IndexedSlices)."""
-    if isinstance(gradient, tf.IndexedSlices):
-        gradient = tf.reshape(tf.convert_to_tensor(gradient), variable.shape)
-    return tf.cast(gradient, variable.dtype)
-
-
-def no_op():
-    return None
-
-
-def _static_shapes(grads, variables):
-    """Dense gradients with their variable's static shape: a gradient's can
-    be unknown (a table sliced to a variable sequence length), and blocking
-    needs it."""
-    return [
-        g
-        if g is None or isinstance(g, tf.IndexedSlices)
-        else tf.ensure_shape(g, v.shape)
-        for g, v in zip(grads, variables)
-    ]
 
 
 class _RefreshClock:

@@ -6,12 +6,8 @@ import tensorflow as tf
 from tf_secondorder import validation
 from tf_secondorder.linalg import ROOT_METHODS, inverse_pth_root, resolve_root_method
 from tf_secondorder.optimizers.base import slot_name
-from tf_secondorder.optimizers.preconditioned import (
-    PreconditionedOptimizer,
-    compute_dtype,
-    dense,
-    read,
-)
+from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
+from tf_secondorder.optimizers.tensors import compute_dtype, dense, read
 from tf_secondorder.preconditioning import shampoo as kernels
 from tf_secondorder.preconditioning.layout import BlockLayout
 

@@ -5,11 +5,8 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.optimizers.base import slot_name
-from tf_secondorder.optimizers.preconditioned import (
-    PreconditionedOptimizer,
-    dense,
-    read,
-)
+from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
+from tf_secondorder.optimizers.tensors import dense, read
 from tf_secondorder.preconditioning import soap as kernels
 
 

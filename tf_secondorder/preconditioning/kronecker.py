@@ -111,10 +111,11 @@ def present_members(group, blocks):
     ]
 
 
-def batched_statistics(layout, beta, grads, statistics, step):
+def batched_statistics(layout, beta, grads, statistic, step):
     """New statistics {factor index: value in its storage dtype} of the
-    variables in `grads` ({variable: gradient}); `statistics` lists every
-    factor's stored value. One batched gram per group and axis."""
+    variables in `grads` ({variable: gradient}); `statistic(i)` is factor
+    i's current value, an n×n tensor in its storage dtype (read only for the
+    factors updated). One batched gram per group and axis."""
     blocks = group_blocks(layout, grads)
     updated = {}
     for number, group in enumerate(layout.groups):
@@ -125,14 +126,15 @@ def batched_statistics(layout, beta, grads, statistics, step):
         stacked = tf.stack([tf.cast(blocks[v][b], dtype) for _, v, b in members])
         for j, axis in enumerate(group.axes):
             indices = [group.factors[k][j] for k, _, _ in members]
-            old = tf.stack([tf.cast(statistics[i], dtype) for i in indices])
+            current = [statistic(i) for i in indices]
+            old = tf.stack([tf.cast(c, dtype) for c in current])
             gram = batched_gram(stacked, axis)
             if beta == 1.0:
                 new = old + gram
             else:
                 b = tf.constant(beta, dtype)
                 new = b * old + (1.0 - b) * gram
-            stored = statistics[indices[0]].dtype
+            stored = current[0].dtype
             if stored == tf.bfloat16:
                 seed = tf.stack([step, tf.constant(number * 8 + j, tf.int32)])
                 new = stochastic_round_to_bfloat16(new, seed)

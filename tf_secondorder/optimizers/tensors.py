@@ -1,0 +1,38 @@
+"""Variables and gradients as plain tensors, for the optimizers' arithmetic."""
+
+import tensorflow as tf
+
+
+def compute_dtype(variable):
+    """float64 for float64 models, float32 otherwise (also under mixed precision)."""
+    return "float64" if variable.dtype == "float64" else "float32"
+
+
+def read(variable):
+    """The variable's value as a tensor (Keras variable arithmetic would round
+    Python-float coefficients through floatx)."""
+    return tf.convert_to_tensor(variable)
+
+
+def dense(gradient, variable):
+    """The gradient as a dense tensor of the variable's dtype and static shape
+    (embedding gradients arrive as tf.IndexedSlices)."""
+    if isinstance(gradient, tf.IndexedSlices):
+        gradient = tf.reshape(tf.convert_to_tensor(gradient), variable.shape)
+    return tf.cast(gradient, variable.dtype)
+
+
+def no_op():
+    return None
+
+
+def static_shapes(grads, variables):
+    """Dense gradients with their variable's static shape: a gradient's can
+    be unknown (a table sliced to a variable sequence length), and blocking
+    needs it."""
+    return [
+        g
+        if g is None or isinstance(g, tf.IndexedSlices)
+        else tf.ensure_shape(g, v.shape)
+        for g, v in zip(grads, variables)
+    ]
