@@ -43,7 +43,7 @@ class NumpyShampoo:
         shapes,
         learning_rate=1e-2,
         beta1=0.9,
-        beta2=0.999,
+        beta2=0.95,
         shampoo_beta=0.95,
         epsilon=1e-6,
         block_size=256,

@@ -54,3 +54,36 @@ def test_one_sided_root_is_an_inverse_square_root():
     (statistic,) = [v for v in optimizer.variables if "statistics" in v.path]
     (root,) = [v for v in optimizer.variables if "preconditioner" in v.path]
     assert_root_matches_reference(root.numpy(), statistic.numpy(), 2, 1e-6, "eigh")
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_a_custom_training_step_does_not_run_the_optimizer_through_autograph(make):
+    """In a user's `tf.function` (AutoGraph on) the step reaches our code
+    through `extended.update`, which would convert every function it calls:
+    hundreds of conversions, seconds of tracing. None may be converted."""
+    from tensorflow.python.autograph.impl import api as autograph_api
+
+    converted = []
+    convert = autograph_api._convert_actual
+
+    def record(entity, program_ctx):
+        converted.append(getattr(entity, "__module__", "") or "")
+        return convert(entity, program_ctx)
+
+    variables = [keras.Variable(np.ones((6, 4), "float32")), keras.Variable(np.ones(4))]
+    optimizer = make(learning_rate=0.1, precondition_frequency=2, weight_decay=0.01)
+    optimizer.build(variables)
+    grads = [tf.ones((6, 4)), tf.ones((4,))]
+
+    @tf.function
+    def step():
+        optimizer.apply_gradients(zip(grads, variables))
+
+    autograph_api._convert_actual = record
+    try:
+        step.get_concrete_function()
+    finally:
+        autograph_api._convert_actual = convert
+    ours = [m for m in converted if m.startswith("tf_secondorder")]
+    assert converted, "AutoGraph converted nothing: the probe no longer sees it"
+    assert ours == []

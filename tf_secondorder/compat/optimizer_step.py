@@ -105,7 +105,9 @@ class KerasStepHooks:
                 variable.value if isinstance(variable, keras.Variable) else variable
             )
             distribution.extended.update(
-                variable, lambda v: decay(self, [v]), group=False
+                variable,
+                tf.autograph.experimental.do_not_convert(lambda v: decay(self, [v])),
+                group=False,
             )
 
     # -- the overrides -------------------------------------------------------

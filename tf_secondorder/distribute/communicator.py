@@ -233,10 +233,13 @@ class Communicator:
         # those of the compression warm-up) are not, and one replica's NaN
         # stops the step of every local replica.
         replicas = slice(None) if local or warmup else slice(1)
-        finite = tf.constant(True)
-        for grad, _ in grads_and_vars:
-            for value in distribution.experimental_local_results(grad)[replicas]:
-                finite &= _all_finite([_dense(value)])
+        finite = _all_finite(
+            [
+                _dense(value)
+                for grad, _ in grads_and_vars
+                for value in distribution.experimental_local_results(grad)[replicas]
+            ]
+        )
 
         def run():
             norm = None
@@ -304,4 +307,6 @@ def _dense_float32(gradient):
 
 
 def _all_finite(tensors):
+    if not tensors:
+        return tf.constant(True)
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])

@@ -119,8 +119,9 @@ def _screen_non_finite(matrices):
     return safe, finite
 
 
-@tf.function(reduce_retracing=True, autograph=False)
 def _eigh_root(matrices, p, epsilon):
+    # Plain ops, not a nested tf.function: inside a training step that would
+    # trace once per matrix size and add a function call to the graph.
     a, finite = _screen_non_finite(matrices)
     a = 0.5 * (a + tf.linalg.matrix_transpose(a))
     eigenvalues, q = tf.linalg.eigh(a)

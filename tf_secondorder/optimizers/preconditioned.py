@@ -220,7 +220,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         def on_each_replica(fn):
             distribution.extended.update(
                 anchor,
-                lambda _, own: fn(static_shapes(own, variables)),
+                _plain_python(lambda _, own: fn(static_shapes(own, variables))),
                 args=(grads,),
                 group=False,
             )
@@ -317,7 +317,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 self._store(*self.refresh(everything))
 
             distribution.extended.update(
-                self._statistics[0].value, own_refresh, group=False
+                self._statistics[0].value, _plain_python(own_refresh), group=False
             )
         elif not sharding.splits_work(distribution, self.distribute_roots):
             self._store(*self.refresh(everything))
@@ -359,6 +359,14 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             }
         )
         return config
+
+
+def _plain_python(fn):
+    # `extended.update` runs its function through AutoGraph inside a
+    # `tf.function`; this code has no tensor-dependent Python control flow
+    # (every branch is an explicit `tf.cond`), and converting it (a few
+    # hundred functions) was most of Shampoo's first-step tracing time.
+    return tf.autograph.experimental.do_not_convert(fn)
 
 
 class _RefreshClock:

@@ -132,8 +132,7 @@ def batched_statistics(layout, beta, grads, statistic, step):
             if beta == 1.0:
                 new = old + gram
             else:
-                b = tf.constant(beta, dtype)
-                new = b * old + (1.0 - b) * gram
+                new = beta * old + (1.0 - beta) * gram
             stored = current[0].dtype
             if stored == tf.bfloat16:
                 seed = tf.stack([step, tf.constant(number * 8 + j, tf.int32)])
