@@ -1,7 +1,8 @@
 """Shampoo setting variants against Adam on one task, in one process.
 
-Each `--variant` is a comma-separated list of Shampoo arguments applied on top
-of the library defaults; Adam runs first at `--adam-lr`
+Each `--variant` is a comma-separated list of Shampoo arguments (of
+`--optimizer`'s, e.g. `--optimizer adam --variant beta_2=0.95`) applied on
+top of the library defaults; Adam runs first at `--adam-lr`
 and sets the target (its final loss) unless `--target` is given (e.g. the
 best Adam of a full `tf-secondorder bench` grid). Prints steps-to-target,
 median step time and time-to-target as ratios to that Adam run.
@@ -28,7 +29,10 @@ def main(argv=None):
     p.add_argument("--task", default="pydoc-lm")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--lr", type=float, required=True, help="Shampoo learning rate")
+    p.add_argument("--optimizer", default="shampoo", help="what the variants are of")
+    p.add_argument(
+        "--lr", type=float, required=True, help="the variants' learning rate"
+    )
     p.add_argument("--adam-lr", type=float, required=True)
     p.add_argument("--target", type=float, default=None)
     p.add_argument("--variant", action="append", default=[])
@@ -44,7 +48,9 @@ def main(argv=None):
     base_steps, base_seconds = report.steps_and_seconds_to(adam, target)
     rows = []
     for options in variants:
-        r = runner.run(task, "shampoo", args.lr, options, seed=args.seed, verbose=0)
+        r = runner.run(
+            task, args.optimizer, args.lr, options, seed=args.seed, verbose=0
+        )
         steps, seconds = report.steps_and_seconds_to(r, target)
         r.update(
             variant=options,
