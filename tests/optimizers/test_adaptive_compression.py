@@ -49,15 +49,19 @@ def _split(flat):
     return np.split(flat, np.cumsum([int(np.prod(s)) for s in SHAPES])[:-1])
 
 
-def reference_comp_ams(gradients, lr, b1=0.9, b2=0.999, eps=1e-7):
-    """Per tensor: p_i = g_i + e_i, c_i = scaled sign of p_i, e_i = p_i − c_i;
-    AMSGrad on the mean of the c_i."""
+def reference_comp_ams(gradients, lr, warmup, b1=0.9, b2=0.999, eps=1e-7):
+    """Steps t <= warmup: AMSGrad on the mean gradient. Then, per tensor:
+    p_i = g_i + e_i, c_i = scaled sign of p_i, e_i = p_i − c_i; AMSGrad on
+    the mean of the c_i."""
     n, d = len(gradients[0]), gradients[0][0].size
     e = [np.zeros(d) for _ in range(n)]
     m, v, v_max, x = (np.zeros(d) for _ in range(4))
     for t, step in enumerate(gradients, start=1):
         sent = []
         for i, g in enumerate(step):
+            if t <= warmup:
+                sent.append(g)
+                continue
             p = g + e[i]
             c = np.concatenate([scaled_sign(part) for part in _split(p)])
             e[i] = p - c
@@ -70,12 +74,17 @@ def reference_comp_ams(gradients, lr, b1=0.9, b2=0.999, eps=1e-7):
     return x, e
 
 
-def test_comp_ams_matches_numpy_on_two_replicas(mirrored, rng):
+@pytest.mark.parametrize("warmup", [0, 2])
+def test_comp_ams_matches_numpy_on_two_replicas(mirrored, rng, warmup):
     gradients = [[rng.normal(size=11) for _ in range(2)] for _ in range(6)]
     variables, optimizer = run(
-        mirrored, lambda: tfso.CompAMS(0.01, compression="scaled_sign"), gradients
+        mirrored,
+        lambda: tfso.CompAMS(
+            0.01, compression="scaled_sign", compression_warmup_steps=warmup
+        ),
+        gradients,
     )
-    want, memories = reference_comp_ams(gradients, 0.01)
+    want, memories = reference_comp_ams(gradients, 0.01, warmup)
     got = np.concatenate([v.numpy().reshape(-1) for v in variables])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     per_replica = [
@@ -92,7 +101,12 @@ def test_comp_ams_matches_numpy_on_two_replicas(mirrored, rng):
     # Error feedback matters: without memories the weights land elsewhere.
     no_memory, _ = run(
         mirrored,
-        lambda: tfso.CompAMS(0.01, compression="scaled_sign", error_feedback=False),
+        lambda: tfso.CompAMS(
+            0.01,
+            compression="scaled_sign",
+            error_feedback=False,
+            compression_warmup_steps=warmup,
+        ),
         gradients,
     )
     other = np.concatenate([v.numpy().reshape(-1) for v in no_memory])
@@ -251,7 +265,9 @@ def test_one_bit_adam_alone_is_adam_then_frozen_variance():
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: tfso.CompAMS(0.01),
+        # Warm-ups shorter than the 4 steps before the save: memories are in
+        # use when it is written.
+        lambda: tfso.CompAMS(0.01, compression_warmup_steps=2),
         lambda: tfso.OneBitAdam(0.01, freeze_step=3, variance_update_every=4),
     ],
     ids=["comp_ams", "one_bit_adam"],
@@ -316,3 +332,13 @@ def test_configs_round_trip():
         assert type(clone) is type(optimizer)
         assert clone.get_config() == optimizer.get_config()
     assert keras.optimizers.get("tf_secondorder>OneBitAdam").freeze_step == 32
+
+
+def test_comp_ams_warms_up_in_full_precision_by_default():
+    assert tfso.CompAMS().communication.compression_warmup_steps == 32
+    uncompressed = tfso.CompAMS(compression=None).communication
+    assert uncompressed.compression_warmup_steps == 0
+    # An explicit value, also from a saved config, is kept.
+    config = tfso.CompAMS(compression_warmup_steps=0).get_config()
+    assert config["compression_warmup_steps"] == 0
+    assert tfso.CompAMS.from_config(config).communication.compression_warmup_steps == 0
