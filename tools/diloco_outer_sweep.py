@@ -1,11 +1,15 @@
-"""DiLoCo outer-optimizer settings at H = 32 on digits-ae, 2 replicas, 2000
-steps, AdamW lr 3e-3 inside (final task loss of each).
+"""DiLoCo outer-optimizer settings at H = 32, 2 replicas, the task's steps,
+AdamW inside (final task loss of each).
 
-    python tools/diloco_outer_sweep.py [CONFIG ...]
+    python tools/diloco_outer_sweep.py [--task digits-ae] [--lr 3e-3] [CONFIG ...]
+
+CONFIG names an outer Nesterov SGD: "sgd<lr>_m<momentum>n", e.g.
+sgd0.8_m0.3n; "sgd1.0_m0.0n" is plain averaging with AdamW inside.
 """
 
+import argparse
 import json
-import sys
+import re
 
 import keras
 
@@ -13,30 +17,46 @@ import tf_secondorder as tfso
 from tf_secondorder.bench import runner, tasks
 from tf_secondorder.bench.arguments import logical_strategy
 
-strategy = logical_strategy(2)
-CONFIGS = {
-    "sgd1.0_m0.5n": dict(lr=1.0, momentum=0.5),
-    "sgd0.8_m0.3n": dict(lr=0.8, momentum=0.3),
-    "sgd1.0_m0.3n": dict(lr=1.0, momentum=0.3),
-}
-which = sys.argv[1:] or list(CONFIGS)
-task = tasks.get_task("digits-ae")
-out = {}
-for name in which:
-    c = CONFIGS[name]
+DEFAULT_CONFIGS = ["sgd1.0_m0.5n", "sgd0.8_m0.3n", "sgd1.0_m0.3n"]
 
-    def make(lr, compression=None, c=c, **o):
-        return tfso.distributed(
-            keras.optimizers.AdamW(lr, **o),
-            average_every=32,
-            outer_optimizer=keras.optimizers.SGD(
-                c["lr"], momentum=c["momentum"], nesterov=True
-            ),
-            average_compression=compression,
+
+def outer(name):
+    match = re.fullmatch(r"sgd([0-9.]+)_m([0-9.]+)n", name)
+    if match is None:
+        raise ValueError(
+            f"`CONFIG` must look like sgd0.8_m0.3n (outer lr, momentum); received {name!r}"
         )
+    lr, momentum = float(match[1]), float(match[2])
+    return keras.optimizers.SGD(lr, momentum=momentum, nesterov=momentum > 0)
 
-    runner.TFSO_OPTIMIZERS["x_" + name] = make
-    r = runner.run(task, "x_" + name, 3e-3, verbose=0, strategy=strategy)
-    out[name] = r["final_loss"]
-    print(name, r["final_loss"], flush=True)
-print(json.dumps(out))
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", default="digits-ae")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
+    args = parser.parse_args()
+    for name in args.configs:
+        outer(name)  # bad names fail before any training
+    strategy = logical_strategy(2)
+    task = tasks.get_task(args.task)
+    out = {}
+    for name in args.configs:
+
+        def make(lr, compression=None, name=name, **o):
+            return tfso.distributed(
+                keras.optimizers.AdamW(lr, **o),
+                average_every=32,
+                outer_optimizer=outer(name),
+                average_compression=compression,
+            )
+
+        runner.TFSO_OPTIMIZERS["x_" + name] = make
+        r = runner.run(task, "x_" + name, args.lr, verbose=0, strategy=strategy)
+        out[name] = r["final_loss"]
+        print(name, r["final_loss"], r.get("run_bytes_ratio"), flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
