@@ -20,13 +20,19 @@ from tf_secondorder.bench.arguments import logical_strategy
 DEFAULT_CONFIGS = ["sgd1.0_m0.5n", "sgd0.8_m0.3n", "sgd1.0_m0.3n"]
 
 
-def outer(name):
+def parse(name):
+    """ "sgd0.8_m0.3n" -> (0.8, 0.3)."""
     match = re.fullmatch(r"sgd([0-9.]+)_m([0-9.]+)n", name)
     if match is None:
         raise ValueError(
-            f"`CONFIG` must look like sgd0.8_m0.3n (outer lr, momentum); received {name!r}"
+            "`CONFIG` must look like sgd0.8_m0.3n (outer lr, momentum); "
+            f"received {name!r}"
         )
-    lr, momentum = float(match[1]), float(match[2])
+    return float(match[1]), float(match[2])
+
+
+def outer(name):
+    lr, momentum = parse(name)
     return keras.optimizers.SGD(lr, momentum=momentum, nesterov=momentum > 0)
 
 
@@ -37,7 +43,7 @@ def main():
     parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
     args = parser.parse_args()
     for name in args.configs:
-        outer(name)  # bad names fail before any training
+        parse(name)  # bad names fail before TensorFlow starts
     strategy = logical_strategy(2)
     task = tasks.get_task(args.task)
     out = {}
