@@ -1,20 +1,17 @@
 """Single bench runs on digits-ae at 2 replicas, 2000 steps: final loss and
 run bytes of each NAME@LR[:OPTION=VALUE,...] (names as in
-`tf-secondorder bench`; options are the optimizer's keyword arguments, values
-read as Python literals, `none`/`true`/`false` accepted).
+`tf-secondorder bench`; options are the optimizer's keyword arguments, each
+value JSON, e.g. `3`, `0.99`, `true`, `null`, or else a string).
 
     python tools/bench_points.py compams@1e-3 compams+topk@1e-3
     python tools/bench_points.py adam@3e-3:amsgrad=true \
         compams@3e-3:compression_warmup_steps=0
 """
 
-import ast
 import sys
 
 from tf_secondorder.bench import runner, tasks
-from tf_secondorder.bench.arguments import logical_strategy
-
-WORDS = {"none": None, "true": True, "false": False}
+from tf_secondorder.bench.arguments import logical_strategy, parse_value
 
 
 def parse(spec):
@@ -24,13 +21,7 @@ def parse(spec):
     parsed = {}
     for pair in filter(None, options.split(",")):
         key, value = pair.split("=")
-        if value.lower() in WORDS:
-            parsed[key] = WORDS[value.lower()]
-        else:
-            try:
-                parsed[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                parsed[key] = value
+        parsed[key] = parse_value(value)
     return name, float(lr), parsed
 
 

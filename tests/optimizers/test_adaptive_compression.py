@@ -338,6 +338,10 @@ def test_comp_ams_warms_up_in_full_precision_by_default():
     assert tfso.CompAMS().communication.compression_warmup_steps == 32
     uncompressed = tfso.CompAMS(compression=None).communication
     assert uncompressed.compression_warmup_steps == 0
+    # Only the default steps aside: an explicit warm-up without compression
+    # is still an error.
+    with pytest.raises(ValueError, match="^`compression_warmup_steps`"):
+        tfso.CompAMS(compression=None, compression_warmup_steps=5)
     # An explicit value, also from a saved config, is kept.
     config = tfso.CompAMS(compression_warmup_steps=0).get_config()
     assert config["compression_warmup_steps"] == 0

@@ -76,11 +76,17 @@ def parse_options(pairs):
                 f"KEY=VALUE with KEY an argument of tfso.Shampoo: {accepted}",
                 f"{key!r}{hint}{learning_rate}",
             )
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
+        options[key] = parse_value(value)
     return options
+
+
+def parse_value(text):
+    """An option's value from the command line: JSON (`3`, `0.5`, `true`,
+    `null`, ...) or else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _parse_optimizers(text):

@@ -240,12 +240,18 @@ class CommunicationConfig:
     @classmethod
     def pop_from(cls, kwargs, **defaults):
         """The config made of the options in `kwargs` (removed from it), the
-        given `defaults` standing in for the options not there."""
+        given `defaults` standing in for the options not there. A default
+        `compression_warmup_steps` applies only when something is
+        compressed (an optimizer that warms up its compression by default
+        still accepts `compression=None`)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        options = {**defaults}
-        for name in names:
-            if name in kwargs:
-                options[name] = kwargs.pop(name)
+        given = {name: kwargs.pop(name) for name in names if name in kwargs}
+        options = {**defaults, **given}
+        if (
+            options.get("compression") is None
+            and "compression_warmup_steps" not in given
+        ):
+            options.pop("compression_warmup_steps", None)
         return cls(**options)
 
 

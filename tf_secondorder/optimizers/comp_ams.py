@@ -65,9 +65,11 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
           SignSGD and other Gradient Compression Schemes. ICML.
     """
 
-    communication_defaults = {"compression": "scaled_sign"}
-    # Full-precision steps before compression starts (see the docstring).
-    default_warmup_steps = 32
+    # Full-precision steps before compression starts: see the docstring.
+    communication_defaults = {
+        "compression": "scaled_sign",
+        "compression_warmup_steps": 32,
+    }
 
     def __init__(
         self,
@@ -88,11 +90,6 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
         **kwargs,
     ):
         validation.learning_rate(learning_rate)
-        compression = kwargs.get(
-            "compression", self.communication_defaults["compression"]
-        )
-        if "compression_warmup_steps" not in kwargs and compression is not None:
-            kwargs["compression_warmup_steps"] = self.default_warmup_steps
         options = {
             "beta1": validation.number("beta1", beta1, 0.0, 1.0, high_open=True),
             "beta2": validation.number("beta2", beta2, 0.0, 1.0, high_open=True),
