@@ -23,7 +23,9 @@ def main(argv=None):
     parser.add_argument("--strategy", choices=["none", "mirrored"], default="none")
     parser.add_argument("--logical-cpus", type=int, default=0)
     parser.add_argument("--save", default=None, help="path of a .keras file to write")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights' seed")
     args = parser.parse_args(argv)
+    keras.utils.set_random_seed(args.seed)
     if args.logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(

@@ -34,7 +34,7 @@ def test_shampoo_digits_example(tmp_path):
     out = run_example(
         "shampoo_digits.py",
         "--epochs",
-        "1",
+        "2",
         "--strategy",
         "mirrored",
         "--logical-cpus",

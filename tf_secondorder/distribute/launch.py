@@ -147,6 +147,38 @@ def _stop(processes, grace):
         except (ProcessLookupError, PermissionError):
             pass
         p.wait()
+    # SIGKILL is delivered asynchronously: a child of a worker can still be
+    # running for a moment after killpg returns, so `launch` would return
+    # with a live process. Wait until every group has only zombies left.
+    deadline = time.monotonic() + max(grace, 5.0)
+    while any(_group_running(p.pid) for p in processes):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+
+
+def _group_running(pgid):
+    """Whether a process of group `pgid` is still running (zombies are not)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # No procfs: signal 0 reaches zombies too, so this errs long.
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # pid (comm) state ppid pgrp ...; comm may hold spaces or ')'.
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def launch(
