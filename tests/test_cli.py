@@ -9,11 +9,13 @@ import pytest
 from tf_secondorder import cli
 
 
-def test_bench_writes_results(tmp_path, capsys):
+def test_bench_writes_results(tmp_path, data_dir, capsys):
     # 40 steps: refreshes at 20 and 40, four evaluations.
     code = cli.main(
         [
             "bench",
+            "--data-dir",
+            data_dir,
             "--task",
             "digits-ae",
             "--optimizers",
@@ -61,10 +63,12 @@ def test_eval_every_outside_the_run_is_named():
             cli.main(["bench", "--steps", "10", "--eval-every", value])
 
 
-def test_bench_plots_and_every_optimizer_name(tmp_path):
+def test_bench_plots_and_every_optimizer_name(tmp_path, data_dir):
     code = cli.main(
         [
             "bench",
+            "--data-dir",
+            data_dir,
             "--optimizers",
             "adam,sgd,lion,soap+sign",
             "--lrs",
@@ -126,7 +130,7 @@ def test_tfds_task_without_data_says_what_to_do(tmp_path, capsys, monkeypatch, m
     assert os.listdir(empty) == []  # and nothing downloaded
 
 
-def test_bench_with_replicas_reports_bytes(tmp_path):
+def test_bench_with_replicas_reports_bytes(tmp_path, data_dir):
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +140,8 @@ def test_bench_with_replicas_reports_bytes(tmp_path):
             "-m",
             "tf_secondorder.cli",
             "bench",
+            "--data-dir",
+            data_dir,
             "--replicas",
             "2",
             "--optimizers",

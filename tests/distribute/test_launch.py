@@ -65,10 +65,15 @@ def test_a_failing_worker_fails_the_launch_and_leaves_no_process(tmp_path):
         f"""
         import subprocess
         if INDEX == 1:
-            time.sleep(1.0)
+            # Fail only once worker 0 and its child are running (a slow
+            # start on a loaded machine must not leave nothing to check).
+            while not os.path.exists({str(pids)!r}):
+                time.sleep(0.05)
             sys.exit(3)
         child = subprocess.Popen(["sleep", "120"])
-        open({str(pids)!r}, "a").write(f"{{os.getpid()}} {{child.pid}}\\n")
+        with open({str(pids)!r} + ".tmp", "w") as f:
+            f.write(f"{{os.getpid()}} {{child.pid}}\\n")
+        os.rename({str(pids)!r} + ".tmp", {str(pids)!r})
         time.sleep(120)
         """,
     )
@@ -77,8 +82,9 @@ def test_a_failing_worker_fails_the_launch_and_leaves_no_process(tmp_path):
     assert launcher.launch(command, workers=2, out=out, grace=2.0) == 3
     assert time.monotonic() - start < 30
     assert "worker 1 exited with 3" in out.getvalue()
-    survivors = [int(p) for p in pids.read_text().split() if _alive(int(p))]
-    assert survivors == []
+    recorded = [int(p) for p in pids.read_text().split()]
+    assert len(recorded) == 2
+    assert [p for p in recorded if _alive(p)] == []
 
 
 def test_killed_worker_reports_signal_and_timeout_stops_everyone(tmp_path):

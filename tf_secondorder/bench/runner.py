@@ -7,6 +7,7 @@ import numpy as np
 
 import tf_secondorder as tfso
 from tf_secondorder import validation
+from tf_secondorder.compat import replica_state
 
 # Every optimizer runs with its library defaults: what a user's
 # `tfso.Shampoo(learning_rate=...)` does. Options for one run come from the
@@ -114,9 +115,40 @@ class _Recorder(keras.callbacks.Callback):
         self.train_seconds += elapsed
         step = len(self.step_times)
         if step % self.task.eval_every == 0:
-            self.curve.append(
-                [step, self.task.evaluate(self.model), self.train_seconds]
-            )
+            self.curve.append([step, self._evaluate(), self.train_seconds])
+
+    def _evaluate(self):
+        optimizer = self.model.optimizer
+        if not getattr(optimizer, "replicas_differ", lambda: False)():
+            return self.task.evaluate(self.model)
+        return evaluate_as_if_stopped(self.model, optimizer, self.task.evaluate)
+
+
+def evaluate_as_if_stopped(model, optimizer, evaluate):
+    """`evaluate(model)` on the model a user would get by stopping now, without
+    changing the run: under local SGD the replicas' weights differ between
+    averages, so every replica's state (model, optimizer, outer optimizer,
+    byte counters) is kept, averaged as at the end of `fit` (with DiLoCo an
+    outer step), evaluated, and put back. Measuring the curve then neither
+    adds rounds nor bytes to the run, nor makes its replicas meet more often
+    than its schedule says."""
+    variables, seen = [], set()
+    outer = getattr(optimizer.communicator.local_sgd, "outer_optimizer", None)
+    for v in [
+        *model.variables,
+        *optimizer.variables,
+        *(outer.variables if outer is not None else []),
+    ]:
+        if id(v) not in seen:
+            seen.add(id(v))
+            variables.append(v)
+    kept = [replica_state.replica_values(v) for v in variables]
+    optimizer.average_replicas()
+    try:
+        return evaluate(model)
+    finally:
+        for v, values in zip(variables, kept):
+            replica_state.assign_replica_values(v, values)
 
 
 def variable_bytes(variables):
@@ -157,10 +189,12 @@ def run(
         optimizer.build(model.trainable_variables)
         model.compile(optimizer=optimizer, loss=task.loss)
     recorder = _Recorder(task)
+    # One epoch: an epoch's end averages local-SGD replicas (SyncReplicas),
+    # which would add rounds to the run that its schedule does not have.
     model.fit(
         task.make_dataset(seed),
-        steps_per_epoch=task.eval_every,
-        epochs=task.steps // task.eval_every,
+        steps_per_epoch=task.eval_every * (task.steps // task.eval_every),
+        epochs=1,
         callbacks=[recorder],
         verbose=verbose,
         shuffle=False,  # the dataset shuffles itself
@@ -200,6 +234,7 @@ def run(
         result["bytes_per_step"] = stats["bytes_per_step"]
         result["float32_bytes_per_step"] = stats["float32_bytes_per_step"]
         result["bytes_total"] = stats["bytes_total"]
+        result["rounds"] = stats["rounds"]
         result["run_bytes_ratio"] = stats["bytes_total"] / (
             len(times) * stats["float32_bytes_per_step"]
         )
