@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -165,12 +166,20 @@ def _netns_names():
 
 
 def _can_make_namespaces():
-    if os.geteuid() != 0:
+    """Root, `ip` and `tc`, and a namespace whose loopback takes a tbf qdisc."""
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
         return False
     name = f"tfso-probe-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", name], capture_output=True)
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    return made.returncode == 0
+    try:
+        shaped = subprocess.run(
+            ["ip", "netns", "exec", name, "tc", "qdisc", "add", "dev", "lo"]
+            + ["root", "tbf", "rate", "10mbit", "burst", "32kbit", "latency", "50ms"],
+            capture_output=True,
+        )
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return made.returncode == 0 and shaped.returncode == 0
 
 
 @pytest.mark.skipif(
