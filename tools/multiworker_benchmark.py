@@ -103,7 +103,7 @@ def worker(args):
             optimizer = tfso.distributed(
                 keras.optimizers.AdamW(args.learning_rate),
                 average_every=32,
-                outer_optimizer=keras.optimizers.SGD(0.7, momentum=0.9, nesterov=True),
+                outer_optimizer=keras.optimizers.SGD(0.8, momentum=0.3, nesterov=True),
                 **options,
             )
         else:
@@ -125,25 +125,33 @@ def worker(args):
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, batch, logs=None):
-            float(logs["loss"])  # waits for the step
+            # logs["loss"] is the mean since the epoch began; the window's
+            # mean is the difference of the running sums.
+            mean = float(logs["loss"])  # waits for the step
             self.step_ends.append(time.perf_counter() - self.start)
-            if args.profile and index == 0 and len(self.step_ends) == 10:
+            steps = len(self.step_ends)
+            if args.profile and index == 0 and steps == 10:
                 tf.profiler.experimental.start(args.profile)
-            if args.profile and index == 0 and len(self.step_ends) == 15:
+            if args.profile and index == 0 and steps == 15:
                 tf.profiler.experimental.stop()
-
-        def on_epoch_end(self, epoch, logs=None):
-            loss = float(logs["loss"])
-            self.windows.append([len(self.step_ends), self.step_ends[-1], loss])
+            if steps % WINDOW:
+                return
+            total = mean * steps
+            loss = (total - self.total) / WINDOW
+            self.total = total
+            self.windows.append([steps, self.step_ends[-1], loss])
             reached = args.target is not None and loss <= args.target
             if reached or self.step_ends[-1] > args.max_seconds:
                 self.model.stop_training = True
 
     record = Record()
+    record.total = 0.0
+    # One epoch, windows of WINDOW steps recorded by the callback: an epoch's
+    # end averages local-SGD replicas, which would add rounds to the run.
     model.fit(
         data,
-        epochs=max(1, args.steps // WINDOW),
-        steps_per_epoch=WINDOW,
+        epochs=1,
+        steps_per_epoch=WINDOW * max(1, args.steps // WINDOW),
         verbose=0,
         callbacks=[record],
     )

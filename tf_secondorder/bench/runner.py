@@ -25,8 +25,8 @@ def _diloco(lr, compression=None, **options):
     """DiLoCo: AdamW inside, 32 local steps, an outer Nesterov SGD with lr
     0.8 and momentum 0.3; "+CODEC" compresses the pseudo-gradients. With
     one replica it is AdamW. The paper's outer step (lr 0.7, momentum 0.9)
-    overshot at 32 local steps on 2 replicas: 2.5x synchronous Adam's final
-    loss on digits-ae and 1.15x on pydoc-lm, against 1.16x and 0.91x with
+    overshot at 32 local steps on 2 replicas: 1.39x synchronous Adam's final
+    loss on digits-ae and 1.16x on pydoc-lm, against 0.97x and 0.92x with
     this one (tools/diloco_outer_sweep.py)."""
     return tfso.distributed(
         keras.optimizers.AdamW(lr, **options),
