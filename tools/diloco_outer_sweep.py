@@ -40,11 +40,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", default="digits-ae")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("configs", nargs="*", default=DEFAULT_CONFIGS)
     args = parser.parse_args()
     for name in args.configs:
         parse(name)  # bad names fail before TensorFlow starts
-    strategy = logical_strategy(2)
+    if args.replicas < 2:
+        parser.error(f"--replicas must be >= 2; received {args.replicas}")
+    strategy = logical_strategy(args.replicas)
     task = tasks.get_task(args.task)
     out = {}
     for name in args.configs:
