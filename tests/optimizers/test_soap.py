@@ -10,12 +10,14 @@ import tensorflow as tf
 import tf_secondorder as tfso
 from tests.helpers import (
     FLOAT32_UNIT_ROUNDOFF,
+    assert_agree_to_rounding,
     fit,
     mlp,
     optimizer_state,
     regression_data,
     replica_values,
     weights_of,
+    widened,
 )
 from tests.optimizers.soap_reference import NumpySOAP
 
@@ -127,8 +129,12 @@ def test_jit_compiled_train_step_matches_graph():
     opt = tfso.SOAP(**SMALL)
     fit(jitted, opt, epochs=3, jit_compile=True)
     assert int(opt.root_failures.numpy()) == 0
-    for a, b in zip(weights_of(plain), weights_of(jitted)):
-        np.testing.assert_allclose(a, b, rtol=1e-3, atol=5e-5)
+    exact = widened(mlp(), "float64")
+    fit(exact, tfso.SOAP(**SMALL), epochs=3)
+    # XLA fuses and reorders float32 arithmetic (and its eigh rounds
+    # otherwise): agreement to float32 rounding, measured as the graph run's
+    # distance to float64.
+    assert_agree_to_rounding(weights_of(jitted), weights_of(plain), weights_of(exact))
 
 
 def test_mirrored_fit_split_equals_unsplit_and_single_device(mirrored):
