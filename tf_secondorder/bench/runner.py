@@ -143,8 +143,8 @@ def evaluate_as_if_stopped(model, optimizer, evaluate):
             seen.add(id(v))
             variables.append(v)
     kept = [replica_state.replica_values(v) for v in variables]
-    optimizer.average_replicas()
     try:
+        optimizer.average_replicas()
         return evaluate(model)
     finally:
         for v, values in zip(variables, kept):

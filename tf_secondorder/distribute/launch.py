@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 
 _RATE = re.compile(r"^(\d+(?:\.\d+)?)(bit|kbit|mbit|gbit)$", re.IGNORECASE)
 _RATE_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
@@ -153,6 +154,12 @@ def _stop(processes, grace):
     deadline = time.monotonic() + max(grace, 5.0)
     while any(_group_running(p.pid) for p in processes):
         if time.monotonic() > deadline:
+            warnings.warn(
+                f"a worker's process is still running {max(grace, 5.0):g} s "
+                "after SIGKILL to its group",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             break
         time.sleep(0.01)
 
