@@ -1,5 +1,5 @@
-"""DiLoCo outer-optimizer settings at H = 32, 2 replicas (or --replicas), the task's steps,
-AdamW inside (final task loss of each).
+"""DiLoCo outer-optimizer settings at H = 32, 2 replicas (or --replicas N),
+the task's steps, AdamW inside (final task loss of each).
 
     python tools/diloco_outer_sweep.py [--task digits-ae] [--lr 3e-3] [CONFIG ...]
 

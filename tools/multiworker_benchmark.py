@@ -120,6 +120,7 @@ def worker(args):
         def __init__(self):
             super().__init__()
             self.step_ends, self.windows, self.start = [], [], None
+            self.total = 0.0  # the loss summed over the steps so far
 
         def on_train_begin(self, logs=None):
             self.start = time.perf_counter()
@@ -145,7 +146,6 @@ def worker(args):
                 self.model.stop_training = True
 
     record = Record()
-    record.total = 0.0
     # One epoch, windows of WINDOW steps recorded by the callback: an epoch's
     # end averages local-SGD replicas, which would add rounds to the run.
     model.fit(

@@ -128,20 +128,11 @@ def evaluate_as_if_stopped(model, optimizer, evaluate):
     """`evaluate(model)` on the model a user would get by stopping now, without
     changing the run: under local SGD the replicas' weights differ between
     averages, so every replica's state (model, optimizer, outer optimizer,
-    byte counters) is kept, averaged as at the end of `fit` (with DiLoCo an
-    outer step), evaluated, and put back. Measuring the curve then neither
-    adds rounds nor bytes to the run, nor makes its replicas meet more often
-    than its schedule says."""
-    variables, seen = [], set()
-    outer = getattr(optimizer.communicator.local_sgd, "outer_optimizer", None)
-    for v in [
-        *model.variables,
-        *optimizer.variables,
-        *(outer.variables if outer is not None else []),
-    ]:
-        if id(v) not in seen:
-            seen.add(id(v))
-            variables.append(v)
+    byte counters; the outer optimizer's are among the optimizer's) is kept,
+    averaged as at the end of `fit` (with DiLoCo an outer step), evaluated,
+    and put back. Measuring the curve then neither adds rounds nor bytes to
+    the run, nor makes its replicas meet more often than its schedule says."""
+    variables = [*model.variables, *optimizer.variables]
     kept = [replica_state.replica_values(v) for v in variables]
     try:
         optimizer.average_replicas()
