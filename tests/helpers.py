@@ -162,31 +162,66 @@ def assert_root_matches_reference(root, statistic, p, epsilon, method, name=""):
     return error / np.linalg.norm(want, 2)
 
 
-def shampoo_factor_pairs(model, optimizer, block_size):
-    """[(statistics variable, preconditioner variable, p)] of a built Shampoo,
-    in creation order (variable, block, axis), found from public names only:
-    a slot is `<optimizer>/<variable path with _>_statistics_<tag>` and its
-    root `..._preconditioner_<tag>`; p is the optimizer's `exponent_override`
-    or, when that is None, twice the order of the variable's merged shape."""
-    from tf_secondorder.linalg import merge_dims
+class FactorView:
+    """One factor's n×n matrix inside a stacked optimizer state ([rows, n, n],
+    or [rows, n(n+1)/2] for packed statistics): reads and writes its row."""
 
-    prefixes = sorted(
-        (
-            (v.path.replace("/", "_").replace(":", "_"), v.shape)
-            for v in model.trainable_variables
-        ),
-        key=lambda item: -len(item[0]),
+    def __init__(self, variable, row, size):
+        self.variable, self.row, self.size = variable, row, size
+
+    def numpy(self):
+        value = np.asarray(self.variable.numpy()[self.row])
+        if value.ndim == 1:  # packed upper triangle, row by row
+            full = np.zeros((self.size, self.size), value.dtype)
+            rows, cols = np.triu_indices(self.size)
+            full[rows, cols] = value
+            full[cols, rows] = value
+            return full
+        return value
+
+    def assign(self, value):
+        whole = np.array(self.variable.numpy())
+        value = np.asarray(value)
+        if whole.ndim == 2:
+            value = value[np.triu_indices(self.size)]
+        whole[self.row] = value
+        self.variable.assign(whole)
+
+
+def factor_views(optimizer, kind):
+    """Views of the optimizer's `kind` ("statistics", "preconditioner",
+    "basis") of every factor, in the order of its layout's factors."""
+    stacked = {
+        "statistics": "_statistics",
+        "preconditioner": "_preconditioners",
+        "basis": "_bases",
+    }[kind]
+    variables = getattr(optimizer, stacked)
+    return [
+        FactorView(variables[f.slot], f.row, f.size) for f in optimizer._layout.factors
+    ]
+
+
+def factor_views_by_block(optimizer, kind):
+    """{(variable index, block origin in its merged shape, axis): view}."""
+    views = factor_views(optimizer, kind)
+    return {
+        (f.variable, f.origin, f.axis): view
+        for f, view in zip(optimizer._layout.factors, views)
+    }
+
+
+def shampoo_factor_pairs(model, optimizer, block_size):
+    """[(statistics view, preconditioner view, p)] of every factor of a
+    built Shampoo, in its layout's order."""
+    del model, block_size  # the layout knows both
+    pairs = list(
+        zip(
+            factor_views(optimizer, "statistics"),
+            factor_views(optimizer, "preconditioner"),
+            [f.exponent for f in optimizer._layout.factors],
+        )
     )
-    by_path = {v.path: v for v in optimizer.variables}
-    pairs = []
-    for variable in optimizer.variables:
-        if "_statistics_" not in variable.path:
-            continue
-        root = by_path[variable.path.replace("_statistics_", "_preconditioner_")]
-        name = variable.path.split("/")[-1]
-        shape = next(s for prefix, s in prefixes if name.startswith(prefix + "_"))
-        p = optimizer.exponent_override or 2 * len(merge_dims(shape, block_size))
-        pairs.append((variable, root, p))
     assert pairs, "no Shampoo statistics found"
     return pairs
 

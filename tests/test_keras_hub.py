@@ -127,8 +127,18 @@ def train(task, strategy, make_optimizer):
     return model, optimizer
 
 
-def _statistics(optimizer):
-    return {v.name: v for v in optimizer.variables if "_statistics_" in v.name}
+def _statistics(optimizer, variable):
+    """{(block origin, axis): view of its statistic} of one model variable."""
+    from tests.helpers import factor_views_by_block
+
+    index = optimizer._get_variable_index(variable)
+    return {
+        (origin, axis): view
+        for (v, origin, axis), view in factor_views_by_block(
+            optimizer, "statistics"
+        ).items()
+        if v == index
+    }
 
 
 def _kernels_3d(model):
@@ -136,26 +146,24 @@ def _kernels_3d(model):
 
 
 def test_shampoo_trains_gpt2_and_preconditions_the_attention_kernels(task, mirrored):
-    from tf_secondorder.optimizers.base import slot_name
-
     model, optimizer = train(
         task, mirrored, lambda: tfso.Shampoo(3e-3, precondition_frequency=STEPS // 2)
     )
     assert int(optimizer.refreshes.numpy()) == 2
     assert int(optimizer.root_failures.numpy()) == 0
-    statistics = _statistics(optimizer)
     kernels = _kernels_3d(model)
     # q, k, v [128, 4, 32] and the output [4, 32, 128], in both layers; merged
     # to [128, 128], one block, a statistic per axis.
     assert len(kernels) == 8
     for kernel in kernels:
-        for axis in (0, 1):
-            name = slot_name(kernel, f"statistics_b0_a{axis}")
-            assert statistics[name].shape == (128, 128), name
-            value = statistics[name].numpy()
-            assert np.all(np.isfinite(value)) and np.trace(value) > 0, name
-    embedding = slot_name(_token_embedding(model), "statistics_b0_a0")
-    assert statistics[embedding].shape == (256, 256)
+        statistics = _statistics(optimizer, kernel)
+        assert sorted(statistics) == [((0, 0), 0), ((0, 0), 1)], kernel.path
+        for view in statistics.values():
+            value = view.numpy()
+            assert value.shape == (128, 128), kernel.path
+            assert np.all(np.isfinite(value)) and np.trace(value) > 0, kernel.path
+    embedding = _statistics(optimizer, _token_embedding(model))
+    assert embedding[(0, 0), 0].numpy().shape == (256, 256)
 
 
 def test_soap_trains_gpt2(task, mirrored):
@@ -182,19 +190,15 @@ def test_max_preconditioned_dim_leaves_a_large_vocabulary_out(keras_hub):
     """A 1024-row embedding with max_preconditioned_dim=512: its 4 row
     blocks keep only their hidden-axis (128) statistic; every other axis of
     the model, the 3-D kernels' included, is preconditioned."""
-    from tf_secondorder.optimizers.base import slot_name
-
     model = hub_tasks.gpt2_language_model(context=32, vocabulary_size=1024)
     optimizer = tfso.Shampoo(max_preconditioned_dim=512)
     optimizer.build(model.trainable_variables)
-    statistics = _statistics(optimizer)
-    prefix = slot_name(_token_embedding(model), "statistics_")
-    embedding = sorted(n for n in statistics if n.startswith(prefix))
-    assert embedding == [f"{prefix}b{b}_a1" for b in range(4)]
-    assert all(statistics[n].shape == (128, 128) for n in embedding)
+    embedding = _statistics(optimizer, _token_embedding(model))
+    # Rows cut into 4 blocks of 256 (the default block size), axis 1 only.
+    assert sorted(embedding) == [((256 * b, 0), 1) for b in range(4)]
+    assert all(view.numpy().shape == (128, 128) for view in embedding.values())
     for kernel in _kernels_3d(model):
-        assert slot_name(kernel, "statistics_b0_a0") in statistics
-        assert slot_name(kernel, "statistics_b0_a1") in statistics
+        assert sorted(_statistics(optimizer, kernel)) == [((0, 0), 0), ((0, 0), 1)]
 
 
 @pytest.mark.slow

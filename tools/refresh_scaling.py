@@ -6,7 +6,7 @@
 For each replica count a fresh process splits the CPU into that many logical
 devices, builds the optimizer for the task's model under MirroredStrategy,
 fills every statistic with a random SPD matrix, and times the refresh
-(`_refresh`, as run at a refresh step) with `distribute_roots` on and off.
+(the in-step refresh, as run at a refresh step) with `distribute_roots` on and off.
 Also prints the planned work per replica: the largest share's n³ cost over
 the total. On a 2-core machine the logical devices share the cores, so wall
 time cannot fall below ~1/2 however the work is split; the work column is
@@ -34,7 +34,7 @@ def measure(args):
     )
     import tf_secondorder as tfso
     from tf_secondorder.bench import tasks
-    from tf_secondorder.linalg import greedy_partition, root_cost
+    from tf_secondorder.distribute.sharding import greedy_partition, root_cost
 
     strategy = tf.distribute.MirroredStrategy(
         [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -46,17 +46,21 @@ def measure(args):
     for split in (False, True):
         with strategy.scope():
             model = task.make_model(0)
-            opt = make(block_size=args.block_size, distribute_roots=split)
+            opt = make(
+                block_size=args.block_size,
+                distribute_roots=split,
+                root_refresh="in_step",
+            )
             opt.build(model.trainable_variables)
         for stat in opt._statistics:
-            size = stat.shape[0]
-            g = rng.normal(size=(size, size + 8)).astype("float32")
-            stat.assign(g @ g.T / size)
+            rows, size = stat.shape[0], stat.shape[1]
+            g = rng.normal(size=(rows, size, size + 8)).astype("float32")
+            stat.assign(g @ np.swapaxes(g, 1, 2) / size)
 
         @tf.function
         def refresh(opt=opt):
             with strategy.scope():
-                opt._refresh(strategy)
+                opt._root_refresh._refresh_now(strategy, opt.step_number())
 
         refresh()  # trace
         times = []
@@ -65,11 +69,14 @@ def measure(args):
             refresh()
             times.append(time.perf_counter() - start)
         row["split" if split else "unsplit"] = float(np.median(times))
-    costs = [root_cost(f.size) for f in opt._layout.factors]
+    # The work is cut into row ranges of the stacked slots, then assigned.
+    pieces = opt._root_refresh.shards(n)
+    slots = opt._layout.slots
+    costs = [root_cost(slots[s].size) * (e - b) for s, b, e in pieces]
     shares = greedy_partition(costs, n)
-    row["factors"] = len(costs)
+    row["factors"] = len(opt._layout.factors)
     row["largest_share"] = max(sum(costs[i] for i in s) for s in shares) / sum(costs)
-    row["factors_per_replica"] = [len(s) for s in shares]
+    row["pieces_per_replica"] = [len(s) for s in shares]
     print("RESULT " + json.dumps(row), flush=True)
 
 
@@ -102,13 +109,13 @@ def main():
         f"{rows[0]['factors']} factors"
     )
     print(
-        "| replicas | factors per replica | largest share of the work | "
+        "| replicas | pieces per replica | largest share of the work | "
         "unsplit refresh | split refresh | split vs 1 replica |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['replicas']} | {r['factors_per_replica']} | "
+            f"| {r['replicas']} | {r['pieces_per_replica']} | "
             f"{r['largest_share']:.2f} | {r['unsplit'] * 1e3:.0f} ms | "
             f"{r['split'] * 1e3:.0f} ms | {r['split'] / base:.2f}× |"
         )

@@ -57,6 +57,7 @@ def make_optimizer(config):
             precondition_frequency=FIRST_REFRESH,
             block_size=BLOCK_SIZE,
             epsilon=EPSILON,
+            root_refresh="in_step",
             **options,
         )
     if name == "adam":
@@ -126,7 +127,8 @@ def _values(variables):
 def state_arrays(model):
     """`w<i>` the weights, `o<i>` the optimizer variables (per-replica ones as
     [local replicas, ...], listed in `per_replica`), `paths` their paths and,
-    for Shampoo, `factors` the (statistics, root, p) triples as indices."""
+    for Shampoo, `factors` the (statistics, root, row, p) of every factor
+    (variable indices and the row in those stacked variables)."""
     optimizer = model.optimizer
     arrays = {f"w{i}": np.asarray(w.numpy()) for i, w in enumerate(model.weights)}
     arrays.update(_values(optimizer.variables))
@@ -139,7 +141,7 @@ def state_arrays(model):
         index = {v.path: i for i, v in enumerate(optimizer.variables)}
         arrays["factors"] = np.array(
             [
-                (index[s.path], index[r.path], p)
+                (index[s.variable.path], index[r.variable.path], s.row, p)
                 for s, r, p in shampoo_factor_pairs(model, optimizer, BLOCK_SIZE)
             ]
         )

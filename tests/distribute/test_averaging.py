@@ -344,10 +344,11 @@ def test_soap_keeps_a_basis_per_replica_and_averages_the_rest(mirrored):
     differ = False
     for basis in bases:
         per_replica = replica_values(basis)
-        for q in per_replica:
-            n = q.shape[0]
-            # QR / eigh give orthonormal columns to a few n·u.
-            np.testing.assert_allclose(q.T @ q, np.eye(n), atol=10 * n * u)
+        for stack in per_replica:
+            for q in stack:  # one basis per block
+                n = q.shape[0]
+                # QR / eigh give orthonormal columns to a few n·u.
+                np.testing.assert_allclose(q.T @ q, np.eye(n), atol=10 * n * u)
         differ |= np.abs(per_replica[0] - per_replica[1]).max() > 0
     assert differ  # not averaged
     for variable in list(net.weights) + [

@@ -131,7 +131,7 @@ def test_roots_split_across_workers_match_unsplit_roots(runs, float64_unsplit):
         assert split.keys() == unsplit.keys()
         np.testing.assert_array_equal(split["factors"], unsplit["factors"])
         assert len(split["factors"])
-        for stats, root, p in split["factors"]:
+        for stats, root, row, p in split["factors"]:
             # Same ops up to the first refresh.
             np.testing.assert_array_equal(
                 split[f"first/o{stats}"], unsplit[f"first/o{stats}"]
@@ -139,8 +139,8 @@ def test_roots_split_across_workers_match_unsplit_roots(runs, float64_unsplit):
             for arrays in (split, unsplit):
                 for prefix in ("first/", ""):
                     assert_root_matches_reference(
-                        arrays[f"{prefix}o{root}"],
-                        arrays[f"{prefix}o{stats}"],
+                        arrays[f"{prefix}o{root}"][row],
+                        arrays[f"{prefix}o{stats}"][row],
                         int(p),
                         epsilon,
                         "eigh",

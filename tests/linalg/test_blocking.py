@@ -29,23 +29,32 @@ def test_split_sizes():
     assert split_sizes(7, 1024) == [7]
 
 
-@pytest.mark.parametrize("shape", [(40, 6), (33, 17, 5), (7,), (16, 16)])
+@pytest.mark.parametrize("shape", [(40, 6), (33, 17, 5), (7,), (16, 16), (64, 48)])
 def test_partition_round_trip(shape, rng):
     x = rng.normal(size=shape)
     part = BlockPartitioner(shape, 16)
-    blocks = part.partition(tf.constant(x))
-    assert [list(b.shape) for b in blocks] == part.block_shapes
-    assert all(max(b.shape) <= 16 for b in blocks)
-    assert sum(int(np.prod(b.shape)) for b in blocks) == x.size
-    np.testing.assert_array_equal(part.merge(blocks).numpy(), x)
+    stacks = part.partition(tf.constant(x))
+    assert len(stacks) == len(part.regions) <= 2 ** len(shape)
+    assert all(max(s.shape[1:]) <= 16 for s in stacks)
+    assert sum(int(np.prod(s.shape)) for s in stacks) == x.size
+    np.testing.assert_array_equal(part.merge(stacks).numpy(), x)
 
 
-def test_partition_order_is_c_order():
-    x = np.arange(6 * 4).reshape(6, 4)
-    blocks = BlockPartitioner((6, 4), 3).partition(tf.constant(x))
-    np.testing.assert_array_equal(blocks[0].numpy(), x[:3, :3])
-    np.testing.assert_array_equal(blocks[1].numpy(), x[:3, 3:])
-    np.testing.assert_array_equal(blocks[2].numpy(), x[3:, :3])
+def test_each_stack_holds_its_regions_blocks_in_c_order():
+    """Checked against NumPy slicing of every block at its origin."""
+    x = np.arange(40 * 7).reshape(40, 7)
+    part = BlockPartitioner((40, 7), 3)
+    stacks = part.partition(tf.constant(x))
+    seen = 0
+    for region, stack in zip(part.regions, stacks):
+        origins = region.origins()
+        assert stack.shape[0] == len(origins) == region.num_blocks
+        for (r, c), block in zip(origins, stack.numpy()):
+            h, w = region.block_shape
+            np.testing.assert_array_equal(block, x[r : r + h, c : c + w])
+        seen += len(origins)
+    # 40 = 13·3 + 1 and 7 = 2·3 + 1: 14 × 3 blocks in 4 regions.
+    assert seen == part.num_blocks == 14 * 3 and len(part.regions) == 4
 
 
 def test_bad_block_size():

@@ -59,7 +59,16 @@ class NumpyShampoo:
         packed_statistics=False,  # storage only: the same numbers
         weight_decay=None,
         root_fn=None,
+        root_refresh="auto",
+        refresh_delay=None,
     ):
+        # Pipelined: the roots of step t's statistics are first used at step
+        # t + delay (and nothing is preconditioned before start + delay); in
+        # the step: at step t.
+        self.delay = 0
+        if root_refresh != "in_step":
+            self.delay = refresh_delay or min(10, precondition_frequency)
+        self.pending = None
         # root_fn(param index, (block, axis), statistic, p, epsilon) -> root
         # replaces `reference_root`, e.g. to continue from another run's roots.
         self.root_fn = root_fn or (lambda i, key, s, p, eps: reference_root(s, p, eps))
@@ -126,10 +135,23 @@ class NumpyShampoo:
                 st["stats"][b, a] = (
                     s + gram if self.bs == 1 else self.bs * s + (1 - self.bs) * gram
                 )
+        if self.pending is not None and t == self.pending[0] + self.delay:
+            for st, roots in zip(self.params, self.pending[1]):
+                st["roots"].update(roots)
+            self.pending = None
         if t >= self.start and (t - self.start) % self.freq == 0:
-            for i, st in enumerate(self.params):
-                for key, s in st["stats"].items():
-                    st["roots"][key] = self.root_fn(i, key, s, st["p"], self.eps)
+            new = [
+                {
+                    key: self.root_fn(i, key, s, st["p"], self.eps)
+                    for key, s in st["stats"].items()
+                }
+                for i, st in enumerate(self.params)
+            ]
+            if self.delay:
+                self.pending = (t, new)
+            else:
+                for st, roots in zip(self.params, new):
+                    st["roots"].update(roots)
         out = []
         lr = self._lr()
         for st, w, g, ok in zip(self.params, weights, grads, finite):
@@ -140,7 +162,7 @@ class NumpyShampoo:
                 out.append(w)
                 continue
             u = self._graft(st, g, t)
-            if st["stats"] and t >= self.start:
+            if st["stats"] and t >= self.start + self.delay:
                 gm, um = g.reshape(st["merged"]), u.reshape(st["merged"])
                 d = np.zeros(st["merged"])
                 for b, slices in enumerate(st["blocks"]):

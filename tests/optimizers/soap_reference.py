@@ -33,7 +33,15 @@ class NumpySOAP:
         weight_decay=None,
         precondition_1d=False,
         packed_statistics=False,  # storage only: the same numbers
+        root_refresh="auto",
+        refresh_delay=None,
     ):
+        # Pipelined: the bases of step t's statistics are first used at step
+        # t + delay; in the step: at step t.
+        self.delay = 0
+        if root_refresh != "in_step":
+            self.delay = refresh_delay or min(10, precondition_frequency)
+        self.pending = None
         self.lr, self.b1, self.b2, self.eps = learning_rate, beta1, beta2, epsilon
         self.bs = beta2 if shampoo_beta is None else shampoo_beta
         self.freq, self.start, self.wd = (
@@ -83,24 +91,32 @@ class NumpySOAP:
             out[slices] = blk
         return out
 
-    def _refresh(self, st, first):
+    def _new_bases(self, st, first):
+        """{(block, axis): (basis, column order)} from the statistics now."""
+        out = {}
+        for (b, a), s in st["stats"].items():
+            if first:
+                lam, q = np.linalg.eigh(s)
+                out[b, a] = (q[:, np.argsort(-lam, kind="stable")], None)
+                continue
+            q = st["bases"][b, a]
+            estimates = np.diag(q.T @ s @ q)
+            order = np.argsort(-estimates, kind="stable")
+            out[b, a] = (np.linalg.qr(s @ q[:, order])[0], order)
+        return out
+
+    def _install(self, st, new, first):
         if first and st["stats"]:
             # The authors' code starts both moments (and the step count of
             # their bias corrections) with the first eigenbasis.
             st["v"] = np.zeros_like(st["v"])
             st["m"] = np.zeros_like(st["m"])
-        for (b, a), s in st["stats"].items():
-            if first:
-                lam, q = np.linalg.eigh(s)
-                st["bases"][b, a] = q[:, np.argsort(-lam, kind="stable")]
-                continue
-            q = st["bases"][b, a]
-            estimates = np.diag(q.T @ s @ q)
-            order = np.argsort(-estimates, kind="stable")
-            st["bases"][b, a], _ = np.linalg.qr(s @ q[:, order])
-            # The second moments follow their basis vectors.
-            slices = st["blocks"][b]
-            st["v"][slices] = np.take(st["v"][slices], order, axis=a)
+        for (b, a), (q, order) in new.items():
+            st["bases"][b, a] = q
+            if order is not None:
+                # The second moments follow their basis vectors.
+                slices = st["blocks"][b]
+                st["v"][slices] = np.take(st["v"][slices], order, axis=a)
 
     def step(self, weights, grads):
         self.t += 1
@@ -112,9 +128,18 @@ class NumpySOAP:
                 others = [i for i in range(blk.ndim) if i != a]
                 gram = np.tensordot(blk, blk, axes=(others, others))
                 st["stats"][b, a] = self.bs * s + (1 - self.bs) * gram
+        if self.pending is not None and t == self.pending[0] + self.delay:
+            taken, bases = self.pending
+            for st, new in zip(self.params, bases):
+                self._install(st, new, first=taken == self.start)
+            self.pending = None
         if t >= self.start and (t - self.start) % self.freq == 0:
-            for st in self.params:
-                self._refresh(st, first=t == self.start)
+            bases = [self._new_bases(st, t == self.start) for st in self.params]
+            if self.delay:
+                self.pending = (t, bases)
+            else:
+                for st, new in zip(self.params, bases):
+                    self._install(st, new, first=t == self.start)
         lr = float(np.float32(self.lr))
         out = []
         for st, w, g in zip(self.params, weights, grads):
@@ -128,7 +153,8 @@ class NumpySOAP:
                 np.sqrt(st["v"]) + self.eps
             )
             direction = self._rotate(st, normalized, back=True).reshape(st["shape"])
-            t_own = t - self.start + 1 if st["stats"] and t >= self.start else t
+            first_use = self.start + self.delay
+            t_own = t - first_use + 1 if st["stats"] and t >= first_use else t
             step = lr * np.sqrt(1 - self.b2**t_own) / (1 - self.b1**t_own)
             out.append(w - step * direction)
         return out

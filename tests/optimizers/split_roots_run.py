@@ -70,9 +70,18 @@ def _optimizer(distribute_roots, root_method, shares):
     class Recording(tfso.Shampoo):
         """Records (at trace time) the factors each `refresh` call computes."""
 
-        def refresh(self, factor_indices):
-            shares.append(list(factor_indices))
-            return super().refresh(factor_indices)
+        def refresh(self, items, *args):
+            # Items are row ranges (slot, begin, end) of the stacked state;
+            # recorded as the factors they cover.
+            shares.append(
+                [
+                    f.index
+                    for slot, begin, end in items
+                    for f in self._layout.factors
+                    if f.slot == slot and begin <= f.row < end
+                ]
+            )
+            return super().refresh(items, *args)
 
     return Recording(
         learning_rate=0.01,
@@ -81,6 +90,7 @@ def _optimizer(distribute_roots, root_method, shares):
         epsilon=EPSILON,
         root_method=root_method,
         distribute_roots=distribute_roots,
+        root_refresh="in_step",
     )
 
 
@@ -92,7 +102,7 @@ def _snapshot(model, optimizer, pairs):
         arrays[f"factor/{j:03d}/statistics"] = np.asarray(stat.numpy())
         arrays[f"factor/{j:03d}/root"] = np.asarray(root.numpy())
         arrays[f"factor/{j:03d}/p"] = np.array(p)
-    factor_paths = {v.path for stat, root, _ in pairs for v in (stat, root)}
+    factor_paths = {v.variable.path for stat, root, _ in pairs for v in (stat, root)}
     others = [v for v in optimizer.variables if v.path not in factor_paths]
     for kind, variables in (("weight", model.weights), ("state", others)):
         for i, v in enumerate(variables):

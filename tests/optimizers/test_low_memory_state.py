@@ -51,10 +51,12 @@ def test_packed_statistics_are_the_upper_triangles_bit_for_bit(make):
     packed = _apply(make, 7, statistics_frequency=1, packed_statistics=True)
     assert len(full._statistics) == len(packed._statistics) > 0
     for f, p in zip(full._statistics, packed._statistics):
-        matrix = f.numpy()
-        n = matrix.shape[0]
-        assert tuple(p.shape) == (n * (n + 1) // 2,)
-        np.testing.assert_array_equal(p.numpy(), matrix[np.triu_indices(n)])
+        matrices = f.numpy()
+        rows, n = matrices.shape[:2]
+        assert tuple(p.shape) == (rows, n * (n + 1) // 2)
+        np.testing.assert_array_equal(
+            p.numpy(), matrices[:, np.triu_indices(n)[0], np.triu_indices(n)[1]]
+        )
     assert int(packed.root_failures.numpy()) == 0
 
 
@@ -62,12 +64,14 @@ def test_bfloat16_roots_are_the_float32_roots_rounded_once():
     # Up to and including the first refresh (step 3) both runs execute the
     # same ops (roots are the identity before it), so the stored bfloat16
     # root is exactly the float32 run's root cast once.
-    full = _apply(tfso.Shampoo, 3)
-    low = _apply(tfso.Shampoo, 3, preconditioner_dtype="bfloat16")
+    full = _apply(tfso.Shampoo, 3, root_refresh="in_step")
+    low = _apply(
+        tfso.Shampoo, 3, preconditioner_dtype="bfloat16", root_refresh="in_step"
+    )
     assert int(full.refreshes.numpy()) == 1
     for f, b in zip(full._preconditioners, low._preconditioners):
         assert b.dtype == "bfloat16" and f.dtype == "float32"
-        assert not np.array_equal(f.numpy(), np.eye(f.shape[0]))
+        assert not np.array_equal(f.numpy()[0], np.eye(f.shape[-1]))
         np.testing.assert_array_equal(b.numpy(), tf.cast(f.value, tf.bfloat16).numpy())
 
 
@@ -79,13 +83,34 @@ def test_memory_options_shrink_the_state_as_stated():
             if "_statistics_" in v.path or "_preconditioner_" in v.path
         )
 
-    full = _apply(tfso.Shampoo, 0)
+    full = _apply(tfso.Shampoo, 0, root_refresh="in_step")
     low = _apply(
-        tfso.Shampoo, 0, packed_statistics=True, preconditioner_dtype="bfloat16"
+        tfso.Shampoo,
+        0,
+        packed_statistics=True,
+        preconditioner_dtype="bfloat16",
+        root_refresh="in_step",
     )
     sizes = [f.size for f in full._layout.factors]
     assert factor_bytes(full) == sum(2 * 4 * n * n for n in sizes)
     assert factor_bytes(low) == sum(4 * n * (n + 1) // 2 + 2 * n * n for n in sizes)
+
+
+def test_pipelined_refresh_adds_one_snapshot_of_the_stored_statistics():
+    def snapshot_bytes(optimizer):
+        return sum(
+            int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size
+            for v in optimizer.variables
+            if "_snapshot_" in v.path
+        )
+
+    for options in ({}, dict(packed_statistics=True, statistics_dtype="bfloat16")):
+        pipelined = _apply(tfso.Shampoo, 0, root_refresh="pipelined", **options)
+        sizes = [f.size for f in pipelined._layout.factors]
+        per_entry = 2 if options else 4
+        stored = (lambda n: n * (n + 1) // 2) if options else (lambda n: n * n)
+        assert snapshot_bytes(pipelined) == sum(per_entry * stored(n) for n in sizes)
+        assert snapshot_bytes(_apply(tfso.Shampoo, 0, root_refresh="in_step")) == 0
 
 
 @pytest.mark.parametrize(

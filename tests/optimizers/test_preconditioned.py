@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_secondorder as tfso
-from tests.helpers import assert_root_matches_reference
+from tests.helpers import assert_root_matches_reference, factor_views
 from tf_secondorder.preconditioning.layout import BlockLayout
 
 
@@ -46,13 +46,17 @@ def test_one_sided_root_is_an_inverse_square_root():
     kernel = keras.Variable(np.zeros((4, 60), "float32"))
     # Block size 64 keeps [4, 60] unmerged; 60 > 50 leaves one side alone.
     optimizer = tfso.Shampoo(
-        block_size=64, precondition_frequency=1, max_preconditioned_dim=50, epsilon=1e-6
+        block_size=64,
+        precondition_frequency=1,
+        max_preconditioned_dim=50,
+        epsilon=1e-6,
+        root_refresh="in_step",
     )
     optimizer.build([kernel])
     g = np.random.default_rng(0).normal(size=(4, 60)).astype("float32")
     optimizer.apply_gradients([(tf.constant(g), kernel)])
-    (statistic,) = [v for v in optimizer.variables if "statistics" in v.path]
-    (root,) = [v for v in optimizer.variables if "preconditioner" in v.path]
+    (statistic,) = factor_views(optimizer, "statistics")
+    (root,) = factor_views(optimizer, "preconditioner")
     assert_root_matches_reference(root.numpy(), statistic.numpy(), 2, 1e-6, "eigh")
 
 

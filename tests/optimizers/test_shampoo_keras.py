@@ -8,6 +8,7 @@ import tensorflow as tf
 import tf_secondorder as tfso
 from tests.helpers import (
     assert_agree_to_rounding,
+    factor_views,
     fit,
     mlp,
     optimizer_state,
@@ -32,8 +33,8 @@ def test_fit_reduces_loss_and_refreshes():
     assert int(opt.iterations.numpy()) == 32
     assert int(opt.root_failures.numpy()) == 0
     # Preconditioners moved away from their identity initialisation.
-    pre = [v for v in opt.variables if "preconditioner" in v.path]
-    assert pre and all(not np.allclose(v.numpy(), np.eye(v.shape[0])) for v in pre)
+    pre = factor_views(opt, "preconditioner")
+    assert pre and all(not np.allclose(v.numpy(), np.eye(v.size)) for v in pre)
 
 
 def test_string_identifier():
@@ -246,14 +247,19 @@ def test_nan_gradient_leaves_weights_and_state_unchanged():
 
 def test_failed_root_keeps_previous_preconditioner_and_counts():
     variables = [keras.Variable(np.ones((4, 3), "float32"))]
-    opt = tfso.Shampoo(precondition_frequency=2, block_size=4, statistics_frequency=1)
+    opt = tfso.Shampoo(
+        precondition_frequency=2,
+        block_size=4,
+        statistics_frequency=1,
+        root_refresh="in_step",
+    )
     rng = np.random.default_rng(0)
     opt.apply([tf.constant(rng.normal(size=(4, 3)), tf.float32)], variables)
     opt.apply([tf.constant(rng.normal(size=(4, 3)), tf.float32)], variables)  # refresh
-    stats = [v for v in opt.variables if "statistics" in v.path]
-    pre = [v for v in opt.variables if "preconditioner" in v.path]
+    stats = factor_views(opt, "statistics")
+    pre = factor_views(opt, "preconditioner")
     kept = [p.numpy().copy() for p in pre]
-    stats[0].assign(np.full(stats[0].shape, np.nan, "float32"))  # poisoned statistics
+    stats[0].assign(np.full((stats[0].size,) * 2, np.nan, "float32"))  # poisoned
     for _ in range(2):
         opt.apply([tf.constant(rng.normal(size=(4, 3)), tf.float32)], variables)
     assert int(opt.root_failures.numpy()) == 1

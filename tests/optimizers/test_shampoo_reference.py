@@ -6,7 +6,11 @@ import pytest
 import tensorflow as tf
 
 import tf_secondorder as tfso
-from tests.helpers import FLOAT32_UNIT_ROUNDOFF, assert_root_matches_reference
+from tests.helpers import (
+    FLOAT32_UNIT_ROUNDOFF,
+    assert_root_matches_reference,
+    factor_views_by_block,
+)
 from tests.optimizers.shampoo_reference import NumpyShampoo
 
 # A matrix, a 4-D conv kernel whose small dims merge ([3,3,2,4] -> [9, 8]),
@@ -67,6 +71,9 @@ BASE = dict(
         dict(grafting="rmsprop", exponent_override=2, weight_decay=0.1),
         dict(grafting=None, beta2=1.0, shampoo_beta=1.0),
         dict(precondition_1d=True, exponent_override=None, packed_statistics=True),
+        dict(root_refresh="in_step"),
+        dict(refresh_delay=1),
+        dict(refresh_delay=3, statistics_frequency=2),
     ],
     ids=[
         "adam",
@@ -76,6 +83,9 @@ BASE = dict(
         "rmsprop-exp2-wd",
         "none-sum",
         "vectors-p2k-packed",
+        "in-step",
+        "delay1",
+        "delay3-stats2",
     ],
 )
 def test_matches_reference_float64(options):
@@ -124,12 +134,16 @@ def test_reference_is_not_trivially_adam():
     assert max(np.abs(a - b).max() for a, b in zip(got, unpreconditioned)) > 1e-3
 
 
-def _factor_variables(opt, kind):
-    """The optimizer's `kind` ("statistics" / "preconditioner") variables in
-    creation order: variable by variable, block by block, axis by axis."""
-    found = [v for v in opt.variables if f"_{kind}_" in v.path]
-    assert found, kind
-    return found
+def _factor_variables(opt, kind, ref):
+    """Views of the optimizer's `kind` ("statistics" / "preconditioner")
+    matrices in the reference's order: parameter by parameter, block by
+    block (C order), axis by axis; blocks matched by where they start."""
+    views = factor_views_by_block(opt, kind)
+    return [
+        views[i, tuple(sl.start for sl in param["blocks"][b]), a]
+        for i, param in enumerate(ref.params)
+        for (b, a) in param["stats"]
+    ]
 
 
 def test_matches_reference_coupled_newton_float32():
@@ -153,16 +167,15 @@ def test_matches_reference_coupled_newton_float32():
     shapes, steps = [(40, 6), (8,)], 12
     # A ridge of 1e-4 keeps the rounding term of the root bound below 1 for
     # rank-deficient statistics (κ ≤ 1e4); at BASE's 1e-6 it would not bound.
-    options = dict(BASE, epsilon=1e-4, root_method="coupled_newton")
+    options = dict(
+        BASE, epsilon=1e-4, root_method="coupled_newton", root_refresh="in_step"
+    )
     rng = np.random.default_rng(42)
     init = [rng.normal(size=s) for s in shapes]
     grads = _gradients(rng, shapes, steps)
     variables = [keras.Variable(w.astype("float32")) for w in init]
     opt = tfso.Shampoo(**options)
     opt.build(variables)
-    statistics = _factor_variables(opt, "statistics")
-    preconditioners = _factor_variables(opt, "preconditioner")
-
     ref_kwargs = {k: v for k, v in options.items() if k != "root_method"}
     flat = {}  # (param index, (block, axis)) -> position in the factor lists
     ref = NumpyShampoo(
@@ -175,6 +188,8 @@ def test_matches_reference_coupled_newton_float32():
     for i, param in enumerate(ref.params):
         for key in param["stats"]:
             flat[i, key] = len(flat)
+    statistics = _factor_variables(opt, "statistics", ref)
+    preconditioners = _factor_variables(opt, "preconditioner", ref)
     assert len(flat) == len(preconditioners) == len(statistics)
     exponents = {
         flat[i, key]: param["p"] for (i, key) in flat for param in [ref.params[i]]

@@ -5,11 +5,13 @@ from tf_secondorder.callbacks.communication import (
     CommunicationStats,
     OptimizerCounters,
 )
+from tf_secondorder.callbacks.roots import RootPipeline
 from tf_secondorder.callbacks.sync import SyncReplicas
 
 __all__ = [
     "BackupAndRestore",
     "CommunicationStats",
     "OptimizerCounters",
+    "RootPipeline",
     "SyncReplicas",
 ]

@@ -18,7 +18,7 @@ def counters(optimizer):
         "comm_rounds": stats["rounds"],
         "comm_bytes_total": stats["bytes_total"],
     }
-    for name in ("root_failures", "refreshes", "refresh_seconds"):
+    for name in ("root_failures", "refreshes", "refresh_seconds", "refresh_waits"):
         variable = getattr(optimizer, name, None)
         if variable is not None:
             out[name] = variable.numpy().item()
@@ -29,8 +29,9 @@ class OptimizerCounters(keras.callbacks.Callback):
     """Adds the optimizer's counters to the logs of every epoch (and of
     every batch with `every_batch=True`): `nonfinite_steps`,
     `comm_bytes_per_step`, `comm_rounds`, `comm_bytes_total` (per replica),
-    and for Shampoo and SOAP `root_failures`, `refreshes` and
-    `refresh_seconds` (the in-graph wall time of the refreshes so far).
+    and for Shampoo and SOAP `root_failures`, `refreshes`,
+    `refresh_seconds` (the wall time spent computing refreshes so far) and
+    `refresh_waits` (pipelined refreshes whose roots were late).
 
     `fit` gets it automatically (first among the callbacks, so TensorBoard
     and CSVLogger see the counters) for every tf_secondorder optimizer and

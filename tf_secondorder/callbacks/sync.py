@@ -69,10 +69,16 @@ class SyncReplicas(keras.callbacks.Callback):
 def automatic_callbacks(model, callbacks):
     """The callbacks every fit/evaluate/predict of `model` gets (installed by
     `compat.keras_patches.install_callback_injection`): the optimizer's
-    counters in the logs, and under local SGD the replicas' sync."""
+    counters in the logs, the host side of pipelined root refreshes, and
+    under local SGD the replicas' sync."""
     from tf_secondorder.callbacks.communication import OptimizerCounters
+    from tf_secondorder.callbacks.roots import RootPipeline, pipelines_roots
 
     extra = []
+    if pipelines_roots(_optimizer(model)) and not any(
+        isinstance(c, RootPipeline) for c in callbacks
+    ):
+        extra.append(RootPipeline())
     if hasattr(_optimizer(model), "communication_stats") and not any(
         isinstance(c, OptimizerCounters) for c in callbacks
     ):

@@ -1,21 +1,24 @@
 """What Shampoo and SOAP share: blocked Kronecker statistics and their refresh.
 
 Both keep, for every block of every parameter, one statistic per preconditioned
-axis (S ← β·S + (1 − β)·G_(i) G_(i)ᵀ, from the reduced gradient), and every
+axis (S ← β·S + (1 − β)·G_(i) G_(i)ᵀ, from the reduced gradient), stacked per
+layout slot (one variable [rows, n, n] per block shape and axis), and every
 N steps replace one or more tensors per statistic (Shampoo: an inverse root;
-SOAP: an eigenbasis and the order of its columns). The update runs in
-cross-replica context (after Keras's merge_call), so the refresh's `tf.cond`
-may hold the all_gather that splits the refresh across replicas.
+SOAP: an eigenbasis and the order of its columns). When and where that
+refresh runs (in the step, split across replicas, or on the host pipelined
+with training) is decided by the optimizer's `RootRefresh`
+(`optimizers/refresh.py`). The update runs in cross-replica context (after
+Keras's merge_call), so the refresh's `tf.cond` may hold the all_gather that
+splits the refresh across replicas.
 """
 
 import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.compat.graph import in_xla_context
-from tf_secondorder.distribute import sharding
 from tf_secondorder.linalg import pack_symmetric, packed_size, unpack_symmetric
-from tf_secondorder.optimizers.base import CommunicatingOptimizer, slot_name
+from tf_secondorder.optimizers import refresh
+from tf_secondorder.optimizers.base import CommunicatingOptimizer
 from tf_secondorder.optimizers.tensors import (
     compute_dtype,
     dense,
@@ -57,6 +60,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         distribute_roots,
         precondition_1d,
         packed_statistics,
+        root_refresh="auto",
+        refresh_delay=None,
         **kwargs,
     ):
         options = {
@@ -86,7 +91,24 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             "packed_statistics": validation.boolean(
                 "packed_statistics", packed_statistics
             ),
+            "root_refresh": validation.choice(
+                "root_refresh", root_refresh, refresh.ROOT_REFRESH
+            ),
+            "refresh_delay": validation.integer(
+                "refresh_delay",
+                refresh_delay,
+                1,
+                precondition_frequency,
+                optional=True,
+            ),
         }
+        if root_refresh == "pipelined" and kwargs.get("average_every") is not None:
+            validation.fail(
+                "root_refresh",
+                "'auto' or 'in_step' under local SGD (`average_every`): each "
+                "replica refreshes from its own statistics in its step",
+                root_refresh,
+            )
         if distribute_roots is True and kwargs.get("average_every") is not None:
             validation.fail(
                 "distribute_roots",
@@ -111,11 +133,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     @property
     def refresh_seconds(self):
-        """Wall seconds spent in refreshes so far by this process, timed in
-        the graph (a float64 variable; stays 0 under XLA compilation, which
-        has no clock op). Not saved with the state: it differs from run to
-        run and worker to worker."""
-        return self._refresh_clock.seconds
+        """Wall seconds spent computing refreshes so far by this process, in
+        the step (timed in the graph; not under XLA compilation, which has
+        no clock op) or on the host (pipelined). A float64 variable, not
+        saved with the state: it differs from run to run and worker to
+        worker."""
+        return self._root_refresh.clock.seconds
 
     @property
     def statistics_beta(self):
@@ -178,25 +201,71 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         self._layout = self.make_layout(var_list)
         self._statistics = [
             self.add_variable(
-                (packed_size(factor.size),)
+                (slot.count, packed_size(slot.size))
                 if self.packed_statistics
-                else (factor.size, factor.size),
+                else (slot.count, slot.size, slot.size),
                 initializer="zeros",
-                dtype=self.statistics_dtype or factor.dtype,
-                name=slot_name(var_list[factor.variable], f"statistics_{factor.tag}"),
+                dtype=self.statistics_dtype or slot.dtype,
+                name=self.slot_variable_name(slot, "statistics"),
             )
-            for factor in self._layout.factors
+            for slot in self._layout.slots
         ]
         counter = dict(shape=(), initializer="zeros", aggregation="only_first_replica")
         self._root_failures = self.add_variable(
             dtype="int64", name="root_failures", **counter
         )
         self._refreshes = self.add_variable(dtype="int64", name="refreshes", **counter)
-        self._refresh_clock = _RefreshClock()
+        self._root_refresh = refresh.RootRefresh(self)
+
+    def slot_variable_name(self, slot, what):
+        """`g<group>_<block shape>_<what>_a<axis>`: the stacked state of one
+        axis of one group of equal blocks."""
+        shape = "x".join(str(d) for d in self._layout.groups[slot.group].shape)
+        return f"g{slot.group}_{shape}_{what}_a{slot.axis}"
+
+    @property
+    def refresh_waits(self):
+        """Refreshes whose roots were not ready at their install step, so
+        that the step waited for them or computed them itself (a variable;
+        always 0 unless `root_refresh="pipelined"`)."""
+        return self._root_refresh.waits
 
     def step_number(self):
         # int32: modular arithmetic on int64 is not available on TPU.
         return tf.cast(self.iterations, tf.int32) + 1
+
+    @property
+    def first_preconditioned_step(self):
+        """The first step whose update uses refreshed roots (bases): the
+        start step, plus the delay when refreshes are pipelined."""
+        return self.start_step + self.refresh_delay_steps
+
+    @property
+    def refresh_delay_steps(self):
+        """Steps between a refresh's statistics and their roots' first use:
+        0 for refreshes in the step."""
+        if self.root_refresh == "in_step" or self.communication.local_sgd:
+            return 0
+        if self.refresh_delay is not None:
+            return self.refresh_delay
+        return max(1, min(self.default_refresh_delay, self.precondition_frequency))
+
+    # Steps a pipelined refresh has to compute its roots by default.
+    default_refresh_delay = 10
+
+    def advance_root_pipeline(self, next_steps=1):
+        """With pipelined refreshes, call between the steps of a custom
+        training loop (`strategy.run` or `apply_gradients`), before a call
+        that runs `next_steps` steps: it starts the host's computation of
+        the roots after a refresh step, hands finished roots to the step that
+        installs them, and waits for late ones when that step is among the
+        next `next_steps`. `fit` calls it itself. Without it the install
+        step computes the roots itself (counted in `refresh_waits`).
+        Returns whether it waited."""
+        validation.integer("next_steps", next_steps, 1)
+        if not self.built or self._root_refresh.host is None:
+            return False
+        return self._root_refresh.host.advance(next_steps)
 
     # -- the update of all variables (cross-replica context) ---------------
 
@@ -207,8 +276,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         where reads and assignments of mirrored variables act on that
         replica: all variables together, so that a subclass can decide once
         for all of them (Shampoo: one `tf.cond` for the start step instead
-        of one per variable) and the statistics of equal blocks from any
-        variables are one batched gram each (fewer ops to trace).
+        of one per variable) and the blocks of one shape from every
+        variable are one stack (ops per block shape, not per block).
         """
         number = self.step_number()
         grads = [g for g, _ in grads_and_vars]
@@ -238,9 +307,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 update_statistics,
                 no_op,
             )
-        since_start = number - self.start_step
-        due = (since_start >= 0) & (since_start % self.precondition_frequency == 0)
-        tf.cond(due, lambda: self._timed_refresh(distribution), no_op)
+        self._root_refresh.in_step(distribution, number)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
 
     def update_all(self, grads, variables, learning_rate):
@@ -261,80 +328,44 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self._layout,
             self.statistics_beta,
             present,
-            self.statistic,
+            lambda slot: unpack(self._layout, slot, self._statistics[slot]),
             self.step_number(),
         )
-        for index, value in updated.items():
+        for slot, value in updated.items():
             if self.packed_statistics:
                 value = pack_symmetric(value)
-            self.assign(self._statistics[index], value)
+            self.assign(self._statistics[slot], value)
 
-    def statistic(self, index):
-        """Factor `index`'s statistic as an n×n tensor in its storage dtype
-        (unpacked when `packed_statistics`)."""
-        value = read(self._statistics[index])
-        if self.packed_statistics:
-            return unpack_symmetric(value, self._layout.factors[index].size)
-        return value
+    def statistic(self, slot):
+        """Slot `slot`'s statistics as [rows, n, n] in their storage dtype."""
+        return unpack(self._layout, slot, self._statistics[slot])
 
-    # -- the refresh --------------------------------------------------------
+    # -- the refresh (run by `self._root_refresh`) ------------------------
 
-    def refresh_specs(self, factor):
-        """((shape, dtype), ...) of what `refresh` returns for one factor."""
+    def refresh_specs(self, slot, rows):
+        """((shape, dtype), ...) of what `refresh` returns for `rows` rows
+        of slot `slot`."""
         raise NotImplementedError
 
-    def refresh(self, factor_indices):
-        """(dict factor index -> tuple of tensors, int count rejected). A
-        rejected factor's tensors must equal what it holds now. Runs on one
-        replica's device."""
+    def current_refreshed(self, slot):
+        """The tensors a refresh of slot `slot` replaces, as they are now
+        (a tuple, as `refresh` returns)."""
         raise NotImplementedError
 
-    def store_refreshed(self, results):
-        """Assigns the refreshed tensors (a list over all factors)."""
+    def refresh(self, items, statistic, current, refresh_step):
+        """(dict item -> tuple of tensors, dict item -> [rows] bool rejected)
+        for items
+        (slot, begin, end): rows [begin, end) of a slot, from
+        `statistic(slot)` ([rows, n, n]) and the slot's current tensors
+        `current(slot)`; `refresh_step` is the step whose statistics these
+        are. A rejected row's tensors must equal its current ones. Pure:
+        reads no variable, so it may run off the training step."""
         raise NotImplementedError
 
-    def _timed_refresh(self, distribution):
-        self._refreshes.assign_add(1)
-        if in_xla_context():
-            self._refresh(distribution)
-            return
-        # Timestamps are stateful ops: automatic control dependencies keep
-        # them before and after the refresh's variable assignments.
-        start = tf.timestamp()
-        self._refresh(distribution)
-        self._refresh_clock.seconds.assign_add(tf.timestamp() - start)
-
-    def _refresh(self, distribution):
-        factors = self._layout.factors
-        everything = list(range(len(factors)))
-        if not factors:
-            return
-        if self.communicator.averages_locally(distribution):
-            # Local SGD: each replica refreshes from its own statistics.
-            # Inside `extended.update` reads and assignments of mirrored
-            # variables act on the replica being updated.
-            def own_refresh(_):
-                self._store(*self.refresh(everything))
-
-            distribution.extended.update(
-                self._statistics[0].value, _plain_python(own_refresh), group=False
-            )
-        elif not sharding.splits_work(distribution, self.distribute_roots):
-            self._store(*self.refresh(everything))
-        else:
-            shares = sharding.greedy_partition(
-                [sharding.root_cost(f.size) for f in factors],
-                distribution.num_replicas_in_sync,
-            )
-            specs = {i: self.refresh_specs(factors[i]) for i in everything}
-            results, failures = sharding.run_sharded(
-                distribution, shares, specs, self.refresh
-            )
-            self._store(results, failures)
-
-    def _store(self, results, failures):
-        self.store_refreshed([results[i] for i in range(len(self._layout.factors))])
-        self._root_failures.assign_add(tf.cast(failures, tf.int64))
+    def store_refreshed(self, results, refresh_step):
+        """Assigns the refreshed tensors ({slot: tuple of tensors}) computed
+        from the statistics of step `refresh_step`."""
+        raise NotImplementedError
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -356,6 +387,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 "distribute_roots": self.distribute_roots,
                 "precondition_1d": self.precondition_1d,
                 "packed_statistics": self.packed_statistics,
+                "root_refresh": self.root_refresh,
+                "refresh_delay": self.refresh_delay,
             }
         )
         return config
@@ -369,13 +402,9 @@ def _plain_python(fn):
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-class _RefreshClock:
-    """Holds the refresh-seconds variable out of the optimizer's tracked
-    state (a plain object: neither Keras nor tf.train.Checkpoint tracks it),
-    so checkpoints, SavedModels and the replicas' state comparisons stay
-    deterministic."""
-
-    def __init__(self):
-        self.seconds = tf.Variable(
-            tf.constant(0.0, tf.float64), trainable=False, name="refresh_seconds"
-        )
+def unpack(layout, slot, variable):
+    """A stored statistics slot as [rows, n, n] (unpacked if packed)."""
+    value = read(variable)
+    if value.shape.rank == 2:
+        return unpack_symmetric(value, layout.slots[slot].size)
+    return value

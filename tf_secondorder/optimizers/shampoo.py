@@ -5,9 +5,13 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.linalg import ROOT_METHODS, inverse_pth_root, resolve_root_method
-from tf_secondorder.optimizers.base import slot_name
 from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
-from tf_secondorder.optimizers.tensors import compute_dtype, dense, read
+from tf_secondorder.optimizers.tensors import (
+    compute_dtype,
+    dense,
+    read,
+    stacked_identity,
+)
 from tf_secondorder.preconditioning import shampoo as kernels
 from tf_secondorder.preconditioning.layout import BlockLayout
 
@@ -117,6 +121,22 @@ class Shampoo(PreconditionedOptimizer):
             replica computes only its share and the results are all-gathered,
             so the refresh work per replica falls ~1/N and the numbers equal
             the unsplit computation. `False`: every host computes all roots.
+        root_refresh: `"auto"`, `"pipelined"` or `"in_step"`. Pipelined:
+            at a refresh step t the statistics are snapshotted, the host
+            computes the new roots while training goes on with the old
+            ones (a background thread running a CPU-placed `tf.function`;
+            `fit` drives it, a custom loop calls `advance_root_pipeline`),
+            and step t + `refresh_delay` installs them on every replica and
+            worker; a step whose roots are late waits (`refresh_waits`).
+            The accelerator never computes an eigendecomposition, and a
+            refresh step costs about an ordinary one. In the step: step t
+            computes and installs them. `"auto"`: pipelined, except under
+            local SGD (each replica refreshes from its own statistics).
+        refresh_delay: d, steps between a pipelined refresh's statistics
+            and the first step using its roots, in
+            `[1, precondition_frequency]`; `None`: 10, or the frequency if
+            smaller. Until the first roots arrive the update is the
+            first-order one.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
@@ -155,6 +175,8 @@ class Shampoo(PreconditionedOptimizer):
         precondition_1d=False,
         preconditioner_dtype=None,
         packed_statistics=False,
+        root_refresh="auto",
+        refresh_delay=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -199,6 +221,8 @@ class Shampoo(PreconditionedOptimizer):
             distribute_roots=distribute_roots,
             precondition_1d=precondition_1d,
             packed_statistics=packed_statistics,
+            root_refresh=root_refresh,
+            refresh_delay=refresh_delay,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -240,14 +264,12 @@ class Shampoo(PreconditionedOptimizer):
         super().build(var_list)
         self._preconditioners = [
             self.add_variable(
-                (factor.size, factor.size),
-                initializer="identity",
-                dtype=self.preconditioner_dtype or factor.dtype,
-                name=slot_name(
-                    var_list[factor.variable], f"preconditioner_{factor.tag}"
-                ),
+                (slot.count, slot.size, slot.size),
+                initializer=stacked_identity,
+                dtype=self.preconditioner_dtype or slot.dtype,
+                name=self.slot_variable_name(slot, "preconditioner"),
             )
-            for factor in self._layout.factors
+            for slot in self._layout.slots
         ]
         self._grafting_accumulators = []
         if self.grafting in ("adagrad", "rmsprop", "adam"):
@@ -264,42 +286,45 @@ class Shampoo(PreconditionedOptimizer):
             grafting=self.grafting,
             grafting_epsilon=self.grafting_epsilon,
             nesterov=self.nesterov,
-            start_step=self.start_step,
+            start_step=self.first_preconditioned_step,
         )
 
     # -- the refresh and the step -----------------------------------------
 
-    def refresh_specs(self, factor):
-        return (((factor.size, factor.size), factor.dtype),)
+    def refresh_specs(self, slot, rows):
+        size = self._layout.slots[slot].size
+        return (((rows, size, size), self._layout.slots[slot].dtype),)
 
-    def refresh(self, factor_indices):
-        """Inverse roots of the given factors' statistics; equal sizes are one
-        batched op. A rejected root is the factor's previous preconditioner."""
-        groups = {}
-        for i in factor_indices:
-            f = self._layout.factors[i]
-            groups.setdefault((f.size, f.exponent, f.dtype), []).append(i)
-        roots, failures = {}, tf.constant(0, tf.int64)
-        for (_, exponent, dtype), indices in groups.items():
-            stats = tf.stack([tf.cast(self.statistic(i), dtype) for i in indices])
+    def current_refreshed(self, slot):
+        return (read(self._preconditioners[slot]),)
+
+    def refresh(self, items, statistic, current, refresh_step):
+        """Inverse roots of rows of slots' statistics, one batched op per
+        item. A rejected root is the row's current preconditioner."""
+        roots, rejected = {}, {}
+        for slot, begin, end in items:
+            spec = self._layout.slots[slot]
+            dtype = tf.as_dtype(spec.dtype)
+            whole = begin == 0 and end == spec.count
+            stats = tf.cast(statistic(slot), dtype)
+            (previous,) = current(slot)
+            previous = tf.cast(previous, dtype)
+            if not whole:
+                stats, previous = stats[begin:end], previous[begin:end]
             new, ok, _ = inverse_pth_root(
                 stats,
-                exponent,
+                spec.exponent,
                 self.epsilon,
                 self._resolved_root_method,
                 compute_dtype=dtype,
             )
-            count = len(indices)
-            for i, root, accepted in zip(
-                indices, tf.unstack(new, count), tf.unstack(ok, count)
-            ):
-                previous = tf.cast(read(self._preconditioners[i]), dtype)
-                roots[i] = (tf.where(accepted, root, previous),)
-            failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
-        return roots, failures
+            roots[(slot, begin, end)] = (tf.where(ok[:, None, None], new, previous),)
+            rejected[(slot, begin, end)] = ~ok
+        return roots, rejected
 
-    def store_refreshed(self, results):
-        for variable, (root,) in zip(self._preconditioners, results):
+    def store_refreshed(self, results, refresh_step):
+        for slot, (root,) in results.items():
+            variable = self._preconditioners[slot]
             self.assign(variable, tf.cast(root, variable.dtype))
 
     def update_step(self, gradient, variable, learning_rate):

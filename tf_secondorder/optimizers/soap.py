@@ -4,9 +4,8 @@ import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.optimizers.base import slot_name
 from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
-from tf_secondorder.optimizers.tensors import dense, read
+from tf_secondorder.optimizers.tensors import dense, read, stacked_identity
 from tf_secondorder.preconditioning import soap as kernels
 
 
@@ -66,6 +65,22 @@ class SOAP(PreconditionedOptimizer):
         precondition_1d: whether vectors (biases, normalization scales) get
             a basis. Defaults to `False`, as in the authors' code: they get
             Adam's update.
+        root_refresh: `"auto"`, `"pipelined"` or `"in_step"`. Pipelined:
+            at a refresh step t the statistics are snapshotted, the host
+            computes the new bases while training goes on with the old
+            ones (a background thread running a CPU-placed `tf.function`;
+            `fit` drives it, a custom loop calls `advance_root_pipeline`),
+            and step t + `refresh_delay` installs them on every replica and
+            worker; a step whose bases are late waits (`refresh_waits`).
+            The accelerator never computes an eigendecomposition, and a
+            refresh step costs about an ordinary one. In the step: step t
+            computes and installs them. `"auto"`: pipelined, except under
+            local SGD (each replica refreshes from its own statistics).
+        refresh_delay: d, steps between a pipelined refresh's statistics
+            and the first step using its bases, in
+            `[1, precondition_frequency]`; `None`: 10, or the frequency if
+            smaller. Until the first bases arrive the update is the
+            first-order one.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
@@ -100,6 +115,8 @@ class SOAP(PreconditionedOptimizer):
         distribute_roots="auto",
         precondition_1d=False,
         packed_statistics=False,
+        root_refresh="auto",
+        refresh_delay=None,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -135,6 +152,8 @@ class SOAP(PreconditionedOptimizer):
             distribute_roots=distribute_roots,
             precondition_1d=precondition_1d,
             packed_statistics=packed_statistics,
+            root_refresh=root_refresh,
+            refresh_delay=refresh_delay,
             name=name,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
@@ -164,19 +183,19 @@ class SOAP(PreconditionedOptimizer):
         super().build(var_list)
         self._bases = [
             self.add_variable(
-                (factor.size, factor.size),
-                initializer="identity",
-                dtype=factor.dtype,
-                name=slot_name(var_list[factor.variable], f"basis_{factor.tag}"),
+                (slot.count, slot.size, slot.size),
+                initializer=stacked_identity,
+                dtype=slot.dtype,
+                name=self.slot_variable_name(slot, "basis"),
             )
-            for factor in self._layout.factors
+            for slot in self._layout.slots
         ]
         self._momentums = self.add_optimizer_variables(var_list, "momentum")
         self._second_moments = self.add_optimizer_variables(
             var_list, "rotated_second_moment"
         )
         self._hyper = kernels.Hyper(
-            self.beta1, self.beta2, self.epsilon, self.start_step
+            self.beta1, self.beta2, self.epsilon, self.first_preconditioned_step
         )
 
     def replica_specific_variables(self):
@@ -186,24 +205,29 @@ class SOAP(PreconditionedOptimizer):
 
     # -- the refresh and the step -----------------------------------------
 
-    def refresh_specs(self, factor):
+    def refresh_specs(self, slot, rows):
         # The basis, and the order its columns came in from the old one.
+        spec = self._layout.slots[slot]
         return (
-            ((factor.size, factor.size), factor.dtype),
-            ((factor.size,), "int32"),
+            ((rows, spec.size, spec.size), spec.dtype),
+            ((rows, spec.size), "int32"),
         )
 
-    def refresh(self, factor_indices):
-        groups = {}
-        for i in factor_indices:
-            f = self._layout.factors[i]
-            groups.setdefault((f.size, f.dtype), []).append(i)
-        first = tf.equal(self.step_number(), self.start_step)
-        results, failures = {}, tf.constant(0, tf.int64)
-        for (size, dtype), indices in groups.items():
-            stats = tf.stack([tf.cast(self.statistic(i), dtype) for i in indices])
-            old = tf.stack([read(self._bases[i]) for i in indices])
-            identity = tf.range(size)[None, :] + tf.zeros_like(old[:, 0, :1], tf.int32)
+    def current_refreshed(self, slot):
+        return (read(self._bases[slot]),)
+
+    def refresh(self, items, statistic, current, refresh_step):
+        first = tf.equal(refresh_step, self.start_step)
+        results, rejected = {}, {}
+        for slot, begin, end in items:
+            spec = self._layout.slots[slot]
+            stats = tf.cast(statistic(slot), spec.dtype)
+            (old,) = current(slot)
+            if not (begin == 0 and end == spec.count):
+                stats, old = stats[begin:end], old[begin:end]
+            identity = tf.range(spec.size)[None, :] + tf.zeros_like(
+                old[:, 0, :1], tf.int32
+            )
             finite = tf.reduce_all(tf.math.is_finite(stats), axis=[-2, -1])
             safe = tf.where(finite[:, None, None], stats, tf.zeros_like(stats))
             basis, order = tf.cond(
@@ -214,53 +238,57 @@ class SOAP(PreconditionedOptimizer):
             ok = finite & tf.reduce_all(tf.math.is_finite(basis), axis=[-2, -1])
             basis = tf.where(ok[:, None, None], basis, old)
             order = tf.where(ok[:, None], order, identity)
-            for k, i in enumerate(indices):
-                results[i] = (basis[k], order[k])
-            failures += tf.reduce_sum(tf.cast(~ok, tf.int64))
-        return results, failures
+            results[(slot, begin, end)] = (basis, order)
+            rejected[(slot, begin, end)] = ~ok
+        return results, rejected
 
-    def store_refreshed(self, results):
-        orders = []
-        for variable, (basis, order) in zip(self._bases, results):
+    def store_refreshed(self, results, refresh_step):
+        orders = {}
+        for slot, (basis, order) in results.items():
+            variable = self._bases[slot]
             self.assign(variable, tf.cast(basis, variable.dtype))
-            orders.append(order)
+            orders[slot] = order
         # At the first basis both moments start afresh (as in the authors'
         # code); later refreshes reorder the second moments with the columns.
-        first = tf.equal(self.step_number(), self.start_step)
-        for plan, momentum, second_moment in zip(
-            self._layout.plans, self._momentums, self._second_moments
-        ):
-            if not plan.factors:
-                continue
-            value = read(second_moment)
-            own = [orders[f.index] for f in plan.factors]
+        first = tf.equal(refresh_step, self.start_step)
+        preconditioned = [
+            i for i, plan in enumerate(self._layout.plans) if plan.factors
+        ]
+        permuted = kernels.permute_axes(
+            self._layout,
+            {i: read(self._second_moments[i]) for i in preconditioned},
+            orders,
+        )
+        for i in preconditioned:
+            second_moment, momentum = self._second_moments[i], self._momentums[i]
             self.assign(
                 second_moment,
-                tf.where(
-                    first, tf.zeros_like(value), kernels.permute_axes(plan, value, own)
-                ),
+                tf.where(first, tf.zeros_like(permuted[i]), permuted[i]),
             )
             self.assign(
                 momentum, tf.where(first, tf.zeros_like(momentum), read(momentum))
             )
 
     def update_step(self, gradient, variable, learning_rate):
-        index = self._get_variable_index(variable)
-        plan = self._layout.plans[index]
-        momentum, second_moment = self._momentums[index], self._second_moments[index]
-        new_momentum, new_second_moment, delta = kernels.update(
-            plan,
+        self.update_all([gradient], [variable], learning_rate)
+
+    def update_all(self, grads, variables, learning_rate):
+        indices = [self._get_variable_index(v) for v in variables]
+        by_index = dict(zip(indices, variables))
+        updates = kernels.update(
+            self._layout,
             self._hyper,
-            dense(gradient, variable),
-            read(momentum),
-            read(second_moment),
-            [read(self._bases[f.index]) for f in plan.factors],
+            {i: dense(g, v) for i, g, v in zip(indices, grads, variables)},
+            {i: read(self._momentums[i]) for i in indices},
+            {i: read(self._second_moments[i]) for i in indices},
+            [read(b) for b in self._bases],
             self.step_number(),
             learning_rate,
         )
-        self.assign(momentum, new_momentum)
-        self.assign(second_moment, new_second_moment)
-        self.assign_sub(variable, delta)
+        for index, (momentum, second_moment, delta) in updates.items():
+            self.assign(self._momentums[index], momentum)
+            self.assign(self._second_moments[index], second_moment)
+            self.assign_sub(by_index[index], delta)
 
     def get_config(self):
         config = super().get_config()

@@ -36,3 +36,10 @@ def static_shapes(grads, variables):
         else tf.ensure_shape(g, v.shape)
         for g, v in zip(grads, variables)
     ]
+
+
+def stacked_identity(shape, dtype):
+    """Initializer of identity matrices [rows, n, n] (roots or bases before
+    the first refresh)."""
+    rows, n, _ = shape
+    return tf.eye(n, batch_shape=[rows], dtype=dtype)

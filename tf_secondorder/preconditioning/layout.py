@@ -1,8 +1,14 @@
 """Static (Python-side) layout of blocked Kronecker preconditioners.
 
 Computed once in `build` from the variable shapes: how each variable is
-merged and blocked, and which block axes get a statistic (a *factor*). Shampoo
-keeps an inverse root per factor, SOAP an eigenbasis.
+merged and blocked, which block axes get a statistic (a *factor*), and how
+the factors are stored. Blocks of one shape (with the same preconditioned
+axes and dtype), from any variables, form a *group*; the factors of one
+axis of a group are the rows of one *slot*, a stacked state [rows, n, n]
+(statistics; Shampoo's roots; SOAP's bases). Every per-step and refresh
+computation then runs once per group or slot, batched over its rows, so the
+traced graph grows with the number of distinct block shapes, not with the
+number of blocks.
 """
 
 import dataclasses
@@ -15,40 +21,73 @@ class Factor:
     """One Kronecker factor: the statistic of one axis of one block."""
 
     variable: int  # index of the model variable
-    block: int  # index of the block within the variable
     axis: int  # axis of the block it preconditions
     size: int  # side of the square statistic
     exponent: int  # p in (S + εI)^(-1/p) (Shampoo)
-    index: int  # position in the optimizer's flat factor lists
+    index: int  # position in the layout's flat factor list
     dtype: str  # dtype the factor is computed in (float32 or float64)
+    slot: int  # the stacked state holding it
+    row: int  # its row in that slot
+    origin: tuple  # where its block starts in the variable's merged shape
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One region of one variable inside a group: rows
+    [offset, offset + count) of the group's stacks."""
+
+    variable: int
+    region: int  # index into the variable's partitioner.regions
+    offset: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """The stacked factors of one axis of a group: [count, size, size]."""
+
+    group: int
+    axis: int
+    size: int
+    count: int
+    exponent: int
+    dtype: str
 
     @property
     def tag(self):
-        return f"b{self.block}_a{self.axis}"
+        """A name for the slot's variables, unique within a layout."""
+        return f"g{self.group}_a{self.axis}"
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockGroup:
     """Blocks of equal shape, preconditioned axes and dtype, from any
-    variables: their statistics are one batched gram per axis."""
+    variables, stacked in member order."""
 
     shape: tuple  # the blocks' shape
     axes: tuple  # the axes that have a factor
     dtype: str
-    members: tuple  # (variable, block) pairs
-    factors: tuple  # per member, the factor index of each axis in `axes`
+    members: tuple  # Member, in stack order
+    count: int  # blocks in the stack
+    slots: tuple  # slot index of each axis in `axes`
 
 
 @dataclasses.dataclass
 class VariablePlan:
     """How one variable is preconditioned. A variable with no factors (a
-    zero-size one, or every axis too long) is only grafted / Adam-updated."""
+    zero-size one, one left out, or one whose every axis is too long) is
+    only grafted / Adam-updated. `members[r]` is (group, Member) of the
+    partitioner's region r."""
 
     shape: tuple
     merged_shape: list
     partitioner: BlockPartitioner
     factors: list
-    factors_of_block: list
+    members: dict
+
+    @property
+    def preconditioned(self):
+        return bool(self.factors)
 
 
 class BlockLayout:
@@ -81,50 +120,63 @@ class BlockLayout:
     ):
         dtypes = dtypes or ["float32"] * len(shapes)
         preconditioned = preconditioned or [True] * len(shapes)
+        grouped = {}  # key -> list of (variable, region index, count)
         self.plans = []
-        self.factors = []
-        grouped = {}
         for variable, shape in enumerate(shapes):
             shape = tuple(int(d) for d in shape)
             if 0 in shape:
-                self.plans.append(VariablePlan(shape, [0], None, [], []))
+                self.plans.append(VariablePlan(shape, [0], None, [], {}))
                 continue
             merged = merge_dims(shape, block_size)
             partitioner = BlockPartitioner(merged, block_size)
-            axes = [
+            axes = tuple(
                 axis
                 for axis, dim in enumerate(merged)
                 if preconditioned[variable]
                 and (max_preconditioned_dim is None or dim <= max_preconditioned_dim)
-            ]
-            exponent = exponent_override or 2 * len(axes)
-            factors_of_block = []
-            plan_factors = []
-            for block, block_shape in enumerate(partitioner.block_shapes):
-                block_factors = []
-                for axis in axes:
-                    factor = Factor(
-                        variable=variable,
-                        block=block,
-                        axis=axis,
-                        size=block_shape[axis],
-                        exponent=exponent,
-                        index=len(self.factors),
-                        dtype=dtypes[variable],
-                    )
-                    self.factors.append(factor)
-                    block_factors.append(factor)
-                    plan_factors.append(factor)
-                factors_of_block.append(block_factors)
-                if block_factors:
-                    key = (tuple(block_shape), tuple(axes), dtypes[variable])
-                    members, indices = grouped.setdefault(key, ([], []))
-                    members.append((variable, block))
-                    indices.append(tuple(f.index for f in block_factors))
-            self.plans.append(
-                VariablePlan(shape, merged, partitioner, plan_factors, factors_of_block)
             )
-        self.groups = [
-            BlockGroup(shape, axes, dtype, tuple(members), tuple(indices))
-            for (shape, axes, dtype), (members, indices) in grouped.items()
-        ]
+            plan = VariablePlan(shape, merged, partitioner, [], {})
+            self.plans.append(plan)
+            if not axes:
+                continue
+            for r, region in enumerate(partitioner.regions):
+                key = (region.block_shape, axes, dtypes[variable])
+                grouped.setdefault(key, []).append((variable, r, region.origins()))
+        self.groups, self.slots, self.factors = [], [], []
+        for (shape, axes, dtype), entries in grouped.items():
+            number = len(self.groups)
+            members, offset = [], 0
+            origins = []
+            for variable, r, starts in entries:
+                count = len(starts)
+                origins += starts
+                member = Member(variable, r, offset, count)
+                members.append(member)
+                self.plans[variable].members[r] = (number, member)
+                offset += count
+            exponent = exponent_override or 2 * len(axes)
+            slots = []
+            for axis in axes:
+                slot = len(self.slots)
+                slots.append(slot)
+                self.slots.append(
+                    Slot(number, axis, shape[axis], offset, exponent, dtype)
+                )
+                for member in members:
+                    for k in range(member.count):
+                        factor = Factor(
+                            variable=member.variable,
+                            axis=axis,
+                            size=shape[axis],
+                            exponent=exponent,
+                            index=len(self.factors),
+                            dtype=dtype,
+                            slot=slot,
+                            row=member.offset + k,
+                            origin=origins[member.offset + k],
+                        )
+                        self.factors.append(factor)
+                        self.plans[member.variable].factors.append(factor)
+            self.groups.append(
+                BlockGroup(shape, axes, dtype, tuple(members), offset, tuple(slots))
+            )

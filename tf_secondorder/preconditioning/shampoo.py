@@ -28,13 +28,11 @@ def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, l
     `grads` ({variable index: gradient}); the caller subtracts delta.
     `accumulators` / `momenta` map a variable to its state, or None when
     the grafting type or beta1 needs none (and so are the returned values);
-    `preconditioners` lists every factor's current root. One `tf.cond`
-    decides for all variables whether the start step has come.
+    `preconditioners` lists every slot's current roots ([rows, n, n]). One
+    `tf.cond` decides for all variables whether the start step has come.
 
     Scalars that depend only on the step (bias corrections, the step size)
-    are computed once per dtype, and a one-block variable's grafting scale
-    is applied to the scalar (1 − β1) rather than to its whole direction:
-    fewer ops to trace and fewer passes over every parameter."""
+    are computed once per dtype."""
     scalars = {}
     grafts, new_accumulators = {}, {}
     for variable, grad in grads.items():
@@ -42,7 +40,7 @@ def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, l
         grafts[variable], new_accumulators[variable] = _graft(
             grad, accumulators[variable], constants, hyper
         )
-    directions = {v: (g, None) for v, g in grafts.items()}
+    directions = dict(grafts)
     with_factors = {v: g for v, g in grads.items() if layout.plans[v].factors}
     if with_factors:
         directions.update(
@@ -51,28 +49,22 @@ def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, l
                 lambda: _preconditioned(
                     layout, hyper, with_factors, grafts, preconditioners
                 ),
-                lambda: {
-                    v: (grafts[v], tf.ones([], g.dtype))
-                    for v, g in with_factors.items()
-                },
+                lambda: {v: grafts[v] for v in with_factors},
             )
         )
     out = {}
     for variable, grad in grads.items():
         constants = scalars[grad.dtype]
-        direction, scale = directions[variable]
+        direction = directions[variable]
         new_momentum = None
         if hyper.beta1 > 0:
             beta1 = constants["beta1"]
             weight = constants["1-beta1"]
-            if scale is not None:
-                weight = weight * scale
             new_momentum = beta1 * momenta[variable] + weight * direction
-            direction = new_momentum
             if hyper.nesterov:
-                direction = beta1 * new_momentum + weight * directions[variable][0]
-        elif scale is not None:
-            direction = direction * scale
+                direction = beta1 * new_momentum + weight * direction
+            else:
+                direction = new_momentum
         out[variable] = (
             new_accumulators[variable],
             new_momentum,
@@ -118,38 +110,28 @@ def _graft(grad, accumulator, constants, hyper):
     return grad / (tf.sqrt(second_moment) + constants["grafting_epsilon"]), new
 
 
-def _norm(x):
-    # One pass (L2Loss is Σx²/2) where tf.norm makes two (square, sum).
-    return tf.sqrt(2.0 * tf.nn.l2_loss(x))
-
-
 def _preconditioned(layout, hyper, grads, grafts, preconditioners):
-    """{variable: (D, scale)}: D = G ×_i P_i per block, for the variables in
-    `grads` (all with factors). With grafting, a one-block variable's D comes
-    unscaled with its scale ‖U‖/‖D‖ (applied by the caller to a scalar); a
-    many-block one's D comes rescaled block by block, with scale 1. Each
-    block is its own matmuls: on CPU that measured faster than a BatchMatMul
-    of stacked equal blocks (the stacking copies cost more than the batching
-    saves)."""
-    out = {}
-    for variable, grad in grads.items():
-        plan = layout.plans[variable]
-        matrices = [preconditioners[f.index] for f in plan.factors]
-        one = tf.ones([], grad.dtype)
-        if hyper.grafting is None:
-            out[variable] = (kronecker.contract_variable(plan, grad, matrices), one)
-            continue
-        grafted = plan.partitioner.partition(
-            tf.reshape(grafts[variable], plan.merged_shape)
-        )
-        scales = []
-
-        def per_block(b, direction, grafted=grafted, scales=scales):
-            scales.append(_norm(grafted[b]) / (_norm(direction) + 1e-16))
-            return direction if len(grafted) == 1 else direction * scales[-1]
-
-        direction = kronecker.contract_variable(
-            plan, grad, matrices, per_block=per_block
-        )
-        out[variable] = (direction, scales[0] if len(grafted) == 1 else one)
-    return out
+    """{variable: D}, D = G ×_i P_i block by block, for the variables in
+    `grads` (all with factors), with each block's D scaled to the norm of
+    the grafting update's block. Blocks of one shape from every variable
+    are one stack: a batched matmul per axis and group."""
+    shapes = {v: g.shape for v, g in grads.items()}
+    dtypes = {v: g.dtype for v, g in grads.items()}
+    stacks, _ = kronecker.to_stacks(layout, grads)
+    grafted = (
+        kronecker.to_stacks(layout, grafts)[0] if hyper.grafting is not None else {}
+    )
+    directions = {}
+    for number, blocks in stacks.items():
+        group = layout.groups[number]
+        matrices = [None] * len(group.shape)
+        for axis, slot in zip(group.axes, group.slots):
+            matrices[axis] = tf.cast(preconditioners[slot], blocks.dtype)
+        direction = kronecker.contract(blocks, matrices)
+        if hyper.grafting is not None:
+            target = kronecker.block_norms(grafted[number])
+            scale = target / (kronecker.block_norms(direction) + 1e-16)
+            direction = kronecker.per_block(scale, direction)
+        directions[number] = direction
+    out = kronecker.from_stacks(layout, directions, list(grads), shapes)
+    return {v: tf.cast(d, dtypes[v]) for v, d in out.items()}

@@ -1,15 +1,17 @@
 """SOAP's arithmetic as pure tensor functions (no Keras, no variables).
 
-A basis holds one orthogonal matrix Q_i per preconditioned block axis. A block
-is *projected* into the basis by contracting each axis i with Q_i
-(G' = G ×_i Q_iᵀ; for a matrix Q_Lᵀ G Q_R) and *projected back* with Q_iᵀ.
+A basis holds one orthogonal matrix Q_i per preconditioned block axis,
+stacked per layout slot ([rows, n, n]). A block is *projected* into the
+basis by contracting each axis i with Q_i (G' = G ×_i Q_iᵀ; for a matrix
+Q_Lᵀ G Q_R) and *projected back* with Q_iᵀ; blocks of one shape from every
+variable are projected together, as one stack.
 """
 
 import dataclasses
 
 import tensorflow as tf
 
-from tf_secondorder.preconditioning.kronecker import contract_variable
+from tf_secondorder.preconditioning import kronecker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,25 +22,26 @@ class Hyper:
     start_step: int
 
 
-def project(plan, tensor, bases, back=False):
-    """`tensor` (a variable's shape) rotated block by block into (or out of,
-    with back=True) the basis; bases are the variable's, in plan.factors order."""
-    if not plan.factors:
-        return tensor
-    return contract_variable(plan, tensor, bases, back=back)
+def _group_matrices(layout, number, bases, dtype):
+    group = layout.groups[number]
+    matrices = [None] * len(group.shape)
+    for axis, slot in zip(group.axes, group.slots):
+        matrices[axis] = tf.cast(bases[slot], dtype)
+    return matrices
 
 
-def permute_axes(plan, tensor, orders):
-    """Reorders, per block, the entries along each factor's axis by orders[k]
-    (the new basis column k came from old column orders[k])."""
-    if not plan.factors:
-        return tensor
-    first = plan.factors[0].index
-    blocks = plan.partitioner.partition(tf.reshape(tensor, plan.merged_shape))
-    for factor in plan.factors:
-        order = orders[factor.index - first]
-        blocks[factor.block] = tf.gather(blocks[factor.block], order, axis=factor.axis)
-    return tf.reshape(plan.partitioner.merge(blocks), tensor.shape)
+def permute_axes(layout, tensors, orders):
+    """{variable: tensor} with, per block, the entries along each factor's
+    axis reordered by that factor's order (new basis column k came from old
+    column order[k]); `orders` holds each slot's [rows, n] orders."""
+    stacks, _ = kronecker.to_stacks(layout, tensors)
+    for number, blocks in stacks.items():
+        group = layout.groups[number]
+        for axis, slot in zip(group.axes, group.slots):
+            blocks = tf.gather(blocks, orders[slot], axis=1 + axis, batch_dims=1)
+        stacks[number] = blocks
+    shapes = {v: t.shape for v, t in tensors.items()}
+    return kronecker.from_stacks(layout, stacks, list(tensors), shapes)
 
 
 def eigenbasis(statistics):
@@ -59,28 +62,79 @@ def refined_basis(statistics, previous):
     return q, order
 
 
-def update(plan, hyper, grad, momentum, second_moment, bases, step, lr):
-    """(new momentum, new rotated second moment, delta); the caller subtracts
-    delta. The momentum lives in the parameter's own coordinates (projected
-    each step, so it survives basis changes); the second moment in the basis.
-    Both start from zero at the first basis (the caller resets them), as in
-    the authors' code, so their bias corrections count the steps since then:
-    a first moment carried over from the Adam steps before, divided by a
-    second moment one step old, would make steps of any size."""
-    dtype = grad.dtype
-    t = tf.cast(step, dtype)
-    if plan.factors and hyper.start_step > 1:
-        since_basis = t - tf.constant(hyper.start_step - 1, dtype)
-        t = tf.where(since_basis >= 1, since_basis, t)
-    beta1 = tf.constant(hyper.beta1, dtype)
-    beta2 = tf.constant(hyper.beta2, dtype)
-    new_momentum = beta1 * momentum + (1.0 - beta1) * grad
-    rotated = project(plan, grad, bases)
-    new_second_moment = beta2 * second_moment + (1.0 - beta2) * tf.square(rotated)
-    normalized = project(plan, new_momentum, bases) / (
-        tf.sqrt(new_second_moment) + tf.constant(hyper.epsilon, dtype)
-    )
-    direction = project(plan, normalized, bases, back=True)
-    step_size = tf.cast(lr, dtype) * tf.sqrt(1.0 - tf.pow(beta2, t))
-    step_size /= 1.0 - tf.pow(beta1, t)
-    return new_momentum, new_second_moment, step_size * direction
+def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
+    """{variable: (new momentum, new rotated second moment, delta)} for the
+    variables in `grads` ({variable: gradient}); the caller subtracts delta.
+    The momentum lives in the parameter's own coordinates (projected each
+    step, so it survives basis changes); the second moment in the basis,
+    stored in the parameter's shape block by block. Both start from zero at
+    the first basis (the caller resets them), as in the authors' code, so
+    their bias corrections count the steps since then: a first moment
+    carried over from the Adam steps before, divided by a second moment one
+    step old, would make steps of any size. `bases` lists every slot's
+    current bases."""
+    new_momenta, new_second_moments, directions = {}, {}, {}
+    for variable, grad in grads.items():
+        beta1 = tf.constant(hyper.beta1, grad.dtype)
+        new_momenta[variable] = beta1 * momenta[variable] + (1.0 - beta1) * grad
+    with_factors = [v for v in grads if layout.plans[v].factors]
+    for variable in grads:
+        if variable in with_factors:
+            continue
+        # No basis: Adam.
+        grad = grads[variable]
+        beta2 = tf.constant(hyper.beta2, grad.dtype)
+        v = beta2 * second_moments[variable] + (1.0 - beta2) * tf.square(grad)
+        new_second_moments[variable] = v
+        directions[variable] = new_momenta[variable] / (
+            tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype)
+        )
+    if with_factors:
+        shapes = {v: grads[v].shape for v in with_factors}
+
+        def stacks(tensors):
+            return kronecker.to_stacks(layout, {v: tensors[v] for v in with_factors})[0]
+
+        grad_stacks = stacks(grads)
+        momentum_stacks = stacks(new_momenta)
+        second_moment_stacks = stacks(second_moments)
+        v_stacks, direction_stacks = {}, {}
+        for number, blocks in grad_stacks.items():
+            dtype = blocks.dtype
+            matrices = _group_matrices(layout, number, bases, dtype)
+            beta2 = tf.constant(hyper.beta2, dtype)
+            rotated = kronecker.contract(blocks, matrices)
+            v = beta2 * second_moment_stacks[number] + (1.0 - beta2) * tf.square(
+                rotated
+            )
+            v_stacks[number] = v
+            normalized = kronecker.contract(momentum_stacks[number], matrices) / (
+                tf.sqrt(v) + tf.constant(hyper.epsilon, dtype)
+            )
+            direction_stacks[number] = kronecker.contract(
+                normalized, matrices, back=True
+            )
+        new_second_moments.update(
+            kronecker.from_stacks(layout, v_stacks, with_factors, shapes)
+        )
+        directions.update(
+            kronecker.from_stacks(layout, direction_stacks, with_factors, shapes)
+        )
+    out = {}
+    for variable, grad in grads.items():
+        dtype = grad.dtype
+        t = tf.cast(step, dtype)
+        if layout.plans[variable].factors and hyper.start_step > 1:
+            since_basis = t - tf.constant(hyper.start_step - 1, dtype)
+            t = tf.where(since_basis >= 1, since_basis, t)
+        beta1 = tf.constant(hyper.beta1, dtype)
+        beta2 = tf.constant(hyper.beta2, dtype)
+        step_size = tf.cast(lr, dtype) * tf.sqrt(1.0 - tf.pow(beta2, t))
+        step_size /= 1.0 - tf.pow(beta1, t)
+        direction = directions[variable]
+        out[variable] = (
+            new_momenta[variable],
+            new_second_moments[variable],
+            step_size * direction,
+        )
+    return out

@@ -1,0 +1,29 @@
+"""Drives pipelined root refreshes from `fit`."""
+
+import keras
+
+
+class RootPipeline(keras.callbacks.Callback):
+    """Between the steps of `fit`, lets a Shampoo / SOAP optimizer with
+    pipelined refreshes start its host computation of the roots after a
+    refresh step and wait for late roots before the call that installs them
+    (`advance_root_pipeline`).
+
+    `fit` adds it automatically when the model's optimizer pipelines its
+    refreshes; passing it explicitly is harmless.
+    """
+
+    def _optimizer(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        return getattr(optimizer, "inner_optimizer", optimizer)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        optimizer = self._optimizer()
+        if hasattr(optimizer, "advance_root_pipeline"):
+            steps = getattr(self.model, "steps_per_execution", 1) or 1
+            optimizer.advance_root_pipeline(int(steps))
+
+
+def pipelines_roots(optimizer):
+    """Whether `optimizer` refreshes its roots off the training step."""
+    return bool(getattr(optimizer, "refresh_delay_steps", 0))

@@ -1,0 +1,141 @@
+"""Roots computed on the host, pipelined with the training steps.
+
+Anil et al. (2020) compute Shampoo's inverse roots on the host's CPUs while
+the accelerators train, and install them some steps later; the roots are a
+little stale, which small-batch training tolerates. Here the training step
+snapshots the statistics at refresh step t and installs the roots at step
+t + d (`refresh.RootRefresh`); between steps, on the host's main thread,
+`HostRefresh.advance` starts the computation from the snapshot (a CPU-placed
+`tf.function` run by a background thread), moves finished roots into the
+pending variables the step installs from, and before a call that will run
+step t + d waits for them if they are late (counted in `refresh_waits`).
+
+All variable reads and writes happen on the main thread between steps (the
+thread only computes from tensors it was given), so they never race with a
+step or a checkpoint. On TPU the same design keeps the roots' eigh on the
+host: the TPU step only copies the snapshot and installs.
+"""
+
+import concurrent.futures
+import logging
+import time
+
+import tensorflow as tf
+
+from tf_secondorder.optimizers.tensors import read
+
+logger = logging.getLogger("tf_secondorder")
+
+
+class HostRefresh:
+    """The host side of a pipelined refresh. Built with the optimizer."""
+
+    def __init__(self, root_refresh):
+        self.root_refresh = root_refresh
+        optimizer = root_refresh.optimizer
+        self.optimizer = optimizer
+        slots = root_refresh.layout.slots
+        # What the host computed and the step installs; not tracked (a
+        # plain list of tf.Variables), so not saved: a resumed run
+        # recomputes them from the saved snapshot.
+        self._pending = [
+            tuple(
+                tf.Variable(tf.zeros(shape, dtype), trainable=False)
+                for shape, dtype in optimizer.refresh_specs(s, slot.count)
+            )
+            for s, slot in enumerate(slots)
+        ]
+        self._rejected = [
+            tf.Variable(tf.zeros([slot.count], tf.int64), trainable=False)
+            for slot in slots
+        ]
+        # The refresh step whose roots `_pending` holds (0: none).
+        self._ready_step = tf.Variable(0, dtype=tf.int32, trainable=False)
+        self._executor = None
+        self._job = None  # (refresh step, future)
+        self._function = None
+
+    # -- read by the step --------------------------------------------------------
+
+    def ready(self, refresh_step):
+        return tf.equal(read(self._ready_step), refresh_step)
+
+    def pending(self, items):
+        """({item: tuple of tensors}, failures) of items (slot, begin, end)
+        from the pending variables."""
+        results, failures = {}, tf.constant(0, tf.int64)
+        for slot, begin, end in items:
+            whole = begin == 0 and end == self.root_refresh.layout.slots[slot].count
+            results[(slot, begin, end)] = tuple(
+                read(v) if whole else read(v)[begin:end] for v in self._pending[slot]
+            )
+            failures += tf.reduce_sum(read(self._rejected[slot])[begin:end])
+        return results, failures
+
+    # -- between steps (main thread) -------------------------------------------
+
+    def advance(self, next_steps=1):
+        """Starts, collects or waits for the pending refresh so that the
+        next `next_steps` steps find it ready. Returns whether it waited."""
+        refresh_step = int(self.root_refresh.snapshot_step.numpy())
+        if refresh_step == 0 or int(self._ready_step.numpy()) == refresh_step:
+            return False
+        if self._job is None or self._job[0] != refresh_step:
+            self._start(refresh_step)
+        _, future = self._job
+        install = refresh_step + self.root_refresh.delay
+        done_steps = int(self.optimizer.iterations.numpy())
+        waited = False
+        if not future.done():
+            if done_steps + next_steps < install:
+                return False
+            waited = True
+            started = time.perf_counter()
+            future.result()
+            logger.debug(
+                "tf_secondorder: waited %.3f s for the roots of step %d",
+                time.perf_counter() - started,
+                refresh_step,
+            )
+        self._collect(refresh_step, future.result())
+        if waited:
+            self.root_refresh.waits.assign_add(1)
+        return waited
+
+    def _start(self, refresh_step):
+        optimizer = self.optimizer
+        slots = range(len(self.root_refresh.layout.slots))
+        # Read on this thread: the background thread touches no variable.
+        statistics = [self.root_refresh.snapshot_statistic(s) for s in slots]
+        current = [optimizer.current_refreshed(s) for s in slots]
+        if self._function is None:
+            self._function = tf.function(self._compute, reduce_retracing=True)
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="tf_secondorder_roots"
+            )
+        step = tf.constant(refresh_step, tf.int32)
+
+        def run():
+            started = time.perf_counter()
+            with tf.device("/CPU:0"):
+                out = self._function(statistics, current, step)
+            out = tf.nest.map_structure(lambda t: t.numpy(), out)
+            return out, time.perf_counter() - started
+
+        self._job = (refresh_step, self._executor.submit(run))
+
+    def _compute(self, statistics, current, refresh_step):
+        items = self.root_refresh.all_items()
+        results, rejected = self.optimizer.refresh(
+            items, lambda s: statistics[s], lambda s: tuple(current[s]), refresh_step
+        )
+        return [(results[item], tf.cast(rejected[item], tf.int64)) for item in items]
+
+    def _collect(self, refresh_step, outcome):
+        (tensors, seconds) = outcome
+        for slot, (values, rejected) in enumerate(tensors):
+            for variable, value in zip(self._pending[slot], values):
+                variable.assign(value)
+            self._rejected[slot].assign(rejected)
+        self._ready_step.assign(refresh_step)
+        self.root_refresh.clock.seconds.assign_add(seconds)

@@ -1,0 +1,273 @@
+"""When and where Shampoo's roots (SOAP's bases) are refreshed.
+
+`RootRefresh` owns both decisions for one optimizer:
+
+- *when*: at refresh step t (every `precondition_frequency` steps from the
+  start step) the new roots are either computed and installed in that step
+  (`root_refresh="in_step"`), or *pipelined*: the step snapshots the
+  statistics, the host computes the roots while training goes on with the
+  previous ones (`host.HostRefresh`), and step t + d installs them. The
+  install step is fixed by the step number alone, so every replica and
+  worker installs the same roots at the same step; a root that is not ready
+  then is waited for (from `fit`, or a custom loop's call of
+  `advance_root_pipeline`) or, where nothing waited, computed by the step
+  itself from the snapshot: either way the result is the roots of step t's
+  statistics, counted in `refresh_waits`.
+- *where* a refresh that runs in a step is computed (`compute`): by every
+  replica from its own statistics under local SGD; split across replicas
+  and all-gathered under MirroredStrategy / MultiWorkerMirroredStrategy
+  with `distribute_roots`; otherwise whole, where the step runs.
+
+The snapshot and its step are saved with the optimizer, so a checkpoint taken
+between snapshot and install resumes exactly: the roots are recomputed from
+the saved snapshot. The host's results are not saved.
+"""
+
+import tensorflow as tf
+
+from tf_secondorder.compat.graph import in_xla_context
+from tf_secondorder.distribute import sharding
+from tf_secondorder.optimizers.tensors import no_op, read
+
+ROOT_REFRESH = ("auto", "pipelined", "in_step")
+
+
+class RootRefresh:
+    """The refresh schedule and placement of one Shampoo / SOAP optimizer.
+
+    Built in the optimizer's `build` (under its strategy's scope)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.layout = optimizer._layout
+        self.start = optimizer.start_step
+        self.frequency = optimizer.precondition_frequency
+        self.delay = optimizer.refresh_delay_steps
+        self.clock = _Clock()
+        self.waits = optimizer.add_variable(
+            (),
+            initializer="zeros",
+            dtype="int64",
+            name="refresh_waits",
+            aggregation="only_first_replica",
+        )
+        self.host = None
+        if self.delay:
+            from tf_secondorder.optimizers.host import HostRefresh
+
+            # The snapshot of the statistics at the refresh step and that
+            # step (0: none pending): saved, so a resumed run recomputes.
+            self.snapshot = [
+                optimizer.add_variable(
+                    tuple(stat.shape),
+                    initializer="zeros",
+                    dtype=stat.dtype,
+                    name=optimizer.slot_variable_name(slot, "snapshot"),
+                )
+                for slot, stat in zip(self.layout.slots, optimizer._statistics)
+            ]
+            self.snapshot_step = optimizer.add_variable(
+                (),
+                initializer="zeros",
+                dtype="int32",
+                name="snapshot_step",
+                aggregation="only_first_replica",
+            )
+            self.host = HostRefresh(self)
+
+    # -- in the step (cross-replica context) ---------------------------------
+
+    def due(self, number):
+        since_start = number - self.start
+        return (since_start >= 0) & (since_start % self.frequency == 0)
+
+    def in_step(self, distribution, number):
+        """The step's refresh work; `number` is the 1-based step."""
+        if not self.layout.slots:
+            return
+        if not self.delay:
+            tf.cond(
+                self.due(number),
+                lambda: self._timed(
+                    lambda: self._refresh_now(distribution, number), count=True
+                ),
+                no_op,
+            )
+            return
+        pending = read(self.snapshot_step)
+        tf.cond(
+            (pending > 0) & tf.equal(number, pending + self.delay),
+            lambda: self._install(distribution, pending),
+            no_op,
+        )
+        tf.cond(self.due(number), lambda: self._take_snapshot(number), no_op)
+
+    def _refresh_now(self, distribution, number):
+        results, failures = self.compute(distribution, self.optimizer.statistic, number)
+        self._store(results, failures, number)
+
+    def _take_snapshot(self, number):
+        self.optimizer._refreshes.assign_add(1)
+        for snapshot, statistics in zip(self.snapshot, self.optimizer._statistics):
+            snapshot.assign(read(statistics))
+        self.snapshot_step.assign(number)
+
+    def _install(self, distribution, refresh_step):
+        statistic = self.snapshot_statistic
+        ready = self.host.ready(refresh_step)
+
+        def from_host(items):
+            return self.host.pending(items)
+
+        def computed(items):
+            # Nothing waited for the host: the step computes the same roots
+            # from the same snapshot.
+            return self._timed(
+                lambda: counted(
+                    self.optimizer.refresh(
+                        items, statistic, self.optimizer.current_refreshed, refresh_step
+                    )
+                )
+            )
+
+        def either(items):
+            results, failures = tf.cond(
+                ready, lambda: from_host(items), lambda: computed(items)
+            )
+            return results, failures
+
+        results, failures = self.compute(
+            distribution, statistic, refresh_step, compute_items=either
+        )
+        self.waits.assign_add(tf.cast(~ready, tf.int64))
+        self._store(results, failures, refresh_step)
+        self.snapshot_step.assign(0)
+
+    def snapshot_statistic(self, slot):
+        from tf_secondorder.optimizers.preconditioned import unpack
+
+        return unpack(self.layout, slot, self.snapshot[slot])
+
+    def _timed(self, fn, count=False):
+        if count:
+            self.optimizer._refreshes.assign_add(1)
+        if in_xla_context():
+            return fn()
+        # Timestamps are stateful ops: automatic control dependencies keep
+        # them before and after the refresh's variable assignments.
+        start = tf.timestamp()
+        with tf.control_dependencies([start]):
+            out = fn()
+        flat = [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor)]
+        with tf.control_dependencies(flat):
+            self.clock.seconds.assign_add(tf.timestamp() - start)
+        return out
+
+    # -- where a refresh is computed ------------------------------------------
+
+    def all_items(self):
+        return [(s, 0, slot.count) for s, slot in enumerate(self.layout.slots)]
+
+    def compute(self, distribution, statistic, refresh_step, compute_items=None):
+        """({slot: tuple of tensors}, failures) of every slot, computed where
+        this strategy computes refreshes. `compute_items(items)` computes a
+        list of items; by default the optimizer's `refresh`."""
+        optimizer = self.optimizer
+        if compute_items is None:
+
+            def compute_items(items):
+                return counted(
+                    optimizer.refresh(
+                        items, statistic, optimizer.current_refreshed, refresh_step
+                    )
+                )
+
+        items = self.all_items()
+        if optimizer.communicator.averages_locally(distribution):
+            # Local SGD: each replica refreshes from its own statistics.
+            # Inside `extended.update` reads and assignments of mirrored
+            # variables act on the replica being updated.
+            def own_refresh(_):
+                results, failures = compute_items(items)
+                self._store(_by_slot(results), failures, refresh_step)
+
+            distribution.extended.update(
+                optimizer._statistics[0].value,
+                tf.autograph.experimental.do_not_convert(own_refresh),
+                group=False,
+            )
+            return None, None
+        if not sharding.splits_work(distribution, optimizer.distribute_roots):
+            results, failures = compute_items(items)
+            return _by_slot(results), failures
+        pieces = self.shards(distribution.num_replicas_in_sync)
+        shares = sharding.greedy_partition(
+            [
+                sharding.root_cost(self.layout.slots[s].size) * (e - b)
+                for s, b, e in pieces
+            ],
+            distribution.num_replicas_in_sync,
+        )
+        specs = {
+            i: optimizer.refresh_specs(s, e - b) for i, (s, b, e) in enumerate(pieces)
+        }
+
+        def compute_share(indices):
+            results, failures = compute_items([pieces[i] for i in indices])
+            return {i: results[pieces[i]] for i in indices}, failures
+
+        results, failures = sharding.run_sharded(
+            distribution, shares, specs, compute_share
+        )
+        return _by_slot({pieces[i]: r for i, r in results.items()}), failures
+
+    def shards(self, num_replicas):
+        """Items (slot, begin, end) that cut every slot into at most
+        `num_replicas` nearly equal row ranges, for `greedy_partition`."""
+        pieces = []
+        for s, slot in enumerate(self.layout.slots):
+            parts = min(num_replicas, slot.count)
+            bounds = [slot.count * k // parts for k in range(parts + 1)]
+            pieces += [(s, bounds[k], bounds[k + 1]) for k in range(parts)]
+        return pieces
+
+    def _store(self, results, failures, refresh_step):
+        if results is None:  # stored per replica already
+            return
+        self.optimizer.store_refreshed(results, refresh_step)
+        self.optimizer._root_failures.assign_add(tf.cast(failures, tf.int64))
+
+
+def counted(refreshed):
+    """(results, rejected per item) -> (results, total rejected as int64)."""
+    results, rejected = refreshed
+    total = tf.constant(0, tf.int64)
+    for flags in rejected.values():
+        total += tf.reduce_sum(tf.cast(flags, tf.int64))
+    return results, total
+
+
+def _by_slot(results):
+    """{(slot, begin, end): tensors} -> {slot: tensors over all its rows}."""
+    slots = {}
+    for (slot, _, _), tensors in sorted(results.items()):
+        slots.setdefault(slot, []).append(tensors)
+    return {
+        slot: tuple(
+            parts[0][k] if len(parts) == 1 else tf.concat([p[k] for p in parts], 0)
+            for k in range(len(parts[0]))
+        )
+        for slot, parts in slots.items()
+    }
+
+
+class _Clock:
+    """Holds the refresh-seconds variable out of the optimizer's tracked
+    state (a plain object: neither Keras nor tf.train.Checkpoint tracks it),
+    so checkpoints, SavedModels and the replicas' state comparisons stay
+    deterministic."""
+
+    def __init__(self):
+        self.seconds = tf.Variable(
+            tf.constant(0.0, tf.float64), trainable=False, name="refresh_seconds"
+        )
