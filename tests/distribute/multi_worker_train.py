@@ -60,6 +60,18 @@ def make_optimizer(config):
             root_refresh="in_step",
             **options,
         )
+    if name == "shampoo-pipelined":
+        # Roots of step t computed on each worker's host, installed at t + 2
+        # with the install's all_gather (distribute_roots).
+        return tfso.Shampoo(
+            learning_rate=1e-2,
+            precondition_frequency=FIRST_REFRESH,
+            block_size=BLOCK_SIZE,
+            epsilon=EPSILON,
+            root_refresh="pipelined",
+            refresh_delay=2,
+            **options,
+        )
     if name == "adam":
         return tfso.distributed(keras.optimizers.Adam(1e-2), **options)
     raise ValueError(f"unknown config {config!r}")

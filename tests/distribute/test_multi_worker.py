@@ -25,9 +25,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(os.path.dirname(__file__), "multi_worker_train.py")
-# Shampoo alone, a compressed Adam, and Shampoo with biased compression and
-# per-replica error-feedback memories (the state a restart must not lose).
-CONFIGS = ["shampoo", "adam+qsgd", "shampoo+scaled_sign"]
+# Shampoo alone, a compressed Adam, Shampoo with biased compression and
+# per-replica error-feedback memories (the state a restart must not lose),
+# and Shampoo with roots computed on each worker's host (pipelined).
+CONFIGS = ["shampoo", "adam+qsgd", "shampoo+scaled_sign", "shampoo-pipelined"]
 # The workers also train Shampoo with every root on every worker, to compare
 # with the split refresh.
 PLAIN_CONFIGS = CONFIGS + ["shampoo-unsplit"]

@@ -227,7 +227,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     def refresh_waits(self):
         """Refreshes whose roots were not ready at their install step, so
         that the step waited for them or computed them itself (a variable;
-        always 0 unless `root_refresh="pipelined"`)."""
+        always 0 for refreshes in the step). Like `refresh_seconds` it
+        depends on the machine's speed, so it is not saved."""
         return self._root_refresh.waits
 
     def step_number(self):

@@ -44,13 +44,7 @@ class RootRefresh:
         self.frequency = optimizer.precondition_frequency
         self.delay = optimizer.refresh_delay_steps
         self.clock = _Clock()
-        self.waits = optimizer.add_variable(
-            (),
-            initializer="zeros",
-            dtype="int64",
-            name="refresh_waits",
-            aggregation="only_first_replica",
-        )
+        self.waits = self.clock.waits
         self.host = None
         if self.delay:
             from tf_secondorder.optimizers.host import HostRefresh
@@ -262,12 +256,16 @@ def _by_slot(results):
 
 
 class _Clock:
-    """Holds the refresh-seconds variable out of the optimizer's tracked
-    state (a plain object: neither Keras nor tf.train.Checkpoint tracks it),
-    so checkpoints, SavedModels and the replicas' state comparisons stay
-    deterministic."""
+    """Holds the timing counters (refresh seconds, waits for late roots) out
+    of the optimizer's tracked state (a plain object: neither Keras nor
+    tf.train.Checkpoint tracks it), so checkpoints, SavedModels and the
+    replicas' state comparisons stay deterministic: these depend on the
+    machine's speed, not on the training."""
 
     def __init__(self):
         self.seconds = tf.Variable(
             tf.constant(0.0, tf.float64), trainable=False, name="refresh_seconds"
+        )
+        self.waits = tf.Variable(
+            tf.constant(0, tf.int64), trainable=False, name="refresh_waits"
         )

@@ -1,0 +1,158 @@
+"""Pipelined refreshes: roots (bases) of step t's statistics, computed on the
+host while training goes on, installed at exactly step t + d.
+
+The NumPy references (test_shampoo_reference.py, test_soap.py) pin the maths
+for several delays. Here: the host's roots equal the ones a step computes
+from the same snapshot, bit for bit (the same eigh kernel on the same numbers
+on this CPU); the install step; replicas; the waiting counter; a checkpoint
+between snapshot and install; bad input.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tf_secondorder as tfso
+from tests.helpers import (
+    factor_views,
+    mlp,
+    regression_data,
+    replica_values,
+    tape_step,
+    weights_of,
+)
+
+OPTIONS = dict(learning_rate=0.01, precondition_frequency=3, block_size=8)
+MAKERS = {
+    "shampoo": lambda **kw: tfso.Shampoo(epsilon=1e-4, **OPTIONS, **kw),
+    "soap": lambda **kw: tfso.SOAP(start_preconditioning_step=3, **OPTIONS, **kw),
+}
+KIND = {"shampoo": "preconditioner", "soap": "basis"}
+
+
+def _loop(make, drive, steps=16, **options):
+    """A custom training loop; `drive`: call `advance_root_pipeline` before
+    each step (the host computes), else the install steps compute."""
+    x, y = regression_data()
+    model = mlp()
+    optimizer = make(**options)
+    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+    for i in range(steps):
+        if drive:
+            optimizer.advance_root_pipeline()
+        b = (16 * i) % len(x)
+        step(x[b : b + 16], y[b : b + 16])
+    return model, optimizer
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_host_roots_equal_the_roots_a_step_computes(name):
+    hosted, host_opt = _loop(MAKERS[name], True, refresh_delay=2)
+    computed, step_opt = _loop(MAKERS[name], False, refresh_delay=2)
+    for a, b in zip(weights_of(hosted), weights_of(computed)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        factor_views(host_opt, KIND[name]), factor_views(step_opt, KIND[name])
+    ):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # Refreshes at steps 3, 6, 9, 12, 15; installs at 5, 8, 11, 14. Without a
+    # driver every install computed its own roots; with one, the host did
+    # (and the step waited whenever the host was not done: timing).
+    assert int(host_opt.refreshes.numpy()) == int(step_opt.refreshes.numpy()) == 5
+    assert int(step_opt.refresh_waits.numpy()) == 4
+
+
+@pytest.mark.parametrize("delay", [1, 3])
+def test_roots_change_exactly_at_the_install_steps(delay):
+    x, y = regression_data()
+    model = mlp()
+    # Statistics every step: every snapshot differs from the last.
+    optimizer = MAKERS["shampoo"](refresh_delay=delay, statistics_frequency=1)
+    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+    changed = []
+    before = None
+    for t in range(1, 14):
+        optimizer.advance_root_pipeline()
+        b = (16 * t) % len(x)
+        step(x[b : b + 16], y[b : b + 16])
+        now = [v.numpy() for v in optimizer._preconditioners]
+        if before is not None and any(
+            not np.array_equal(a, b) for a, b in zip(before, now)
+        ):
+            changed.append(t)
+        before = now
+    # Snapshots at 3, 6, 9, 12 (every 3 steps from step 3).
+    assert changed == [s + delay for s in (3, 6, 9, 12) if s + delay <= 13]
+    assert optimizer.first_preconditioned_step == 3 + delay
+
+
+def test_mirrored_fit_keeps_replicas_identical_and_logs_waits(mirrored):
+    x, y = regression_data()
+    with mirrored.scope():
+        model = mlp()
+        optimizer = MAKERS["shampoo"](refresh_delay=2)
+        model.compile(optimizer=optimizer, loss="mse")
+    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    assert "refresh_waits" in history.history
+    assert int(optimizer.refreshes.numpy()) == 5  # steps 3, 6, ..., 15
+    assert int(optimizer.root_failures.numpy()) == 0
+    for variable in list(model.weights) + list(optimizer.variables):
+        values = replica_values(variable)
+        for other in values[1:]:
+            np.testing.assert_array_equal(values[0], other, err_msg=variable.path)
+    roots = factor_views(optimizer, "preconditioner")
+    assert not any(np.allclose(r.numpy(), np.eye(r.size)) for r in roots)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_checkpoint_between_snapshot_and_install_resumes_exactly(name, tmp_path):
+    """Steps 1..7 then a save: the snapshot of step 6 is taken, its roots
+    are due at step 8. The loaded optimizer recomputes them from the saved
+    snapshot; the run equals the uninterrupted one bit for bit."""
+    x, y = regression_data()
+
+    def compiled():
+        model = mlp()
+        model.compile(optimizer=MAKERS[name](refresh_delay=2), loss="mse")
+        return model
+
+    uninterrupted = compiled()
+    uninterrupted.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    first = compiled()
+    first.fit(x[:112], y[:112], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert int(first.optimizer.iterations.numpy()) == 7
+    assert int(first.optimizer._root_refresh.snapshot_step.numpy()) == 6
+    path = str(tmp_path / "mid.keras")
+    first.save(path)
+    resumed = keras.models.load_model(path)
+    resumed.fit(x[112:], y[112:], batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(resumed.optimizer.variables, uninterrupted.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+@pytest.mark.parametrize(
+    "options, name",
+    [
+        (dict(refresh_delay=0), "refresh_delay"),
+        (dict(refresh_delay=4), "refresh_delay"),
+        (dict(refresh_delay=2.0), "refresh_delay"),
+        (dict(root_refresh="host"), "root_refresh"),
+        (dict(root_refresh="pipelined", average_every=4), "root_refresh"),
+    ],
+)
+def test_bad_input_is_named(options, name):
+    for make in MAKERS.values():
+        with pytest.raises(ValueError, match=f"`{name}` must be"):
+            make(**options)
+
+
+def test_in_step_and_local_sgd_have_no_delay_and_config_round_trips():
+    assert MAKERS["shampoo"](root_refresh="in_step").refresh_delay_steps == 0
+    assert MAKERS["shampoo"](average_every=4).refresh_delay_steps == 0
+    assert MAKERS["shampoo"]().refresh_delay_steps == 3  # min(10, frequency)
+    assert tfso.Shampoo().refresh_delay_steps == 10
+    optimizer = MAKERS["soap"](refresh_delay=2)
+    clone = tfso.SOAP.from_config(optimizer.get_config())
+    assert (clone.root_refresh, clone.refresh_delay) == ("auto", 2)
