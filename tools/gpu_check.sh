@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Shampoo and SOAP on one GPU: installs the [gpu] extra, runs the optimizer
 # tests on the GPU, then the default bench task (digits-ae) and the
-# Transformer LM task (pydoc-lm), and writes everything under $OUT
-# (default gpu_out/).
+# Transformer LM task (pydoc-lm) with the library's defaults (pipelined
+# roots: the host's CPUs compute them while the GPU trains) and with roots
+# in the step, then `scale` up to the ~50 M-parameter LM, and writes
+# everything under $OUT (default gpu_out/).
 #
 #   bash tools/gpu_check.sh                 # on a machine with a CUDA GPU
 #   OUT=/tmp/gpu STEPS=600 bash tools/gpu_check.sh
@@ -33,5 +35,13 @@ python -m pytest tests/optimizers tests/linalg -q -p no:cacheprovider \
 for task in digits-ae pydoc-lm; do
     tf-secondorder bench --task "$task" --optimizers adam,shampoo,soap \
         --steps "$STEPS" --verbose 0 --out "$OUT/$task" 2>&1 | tee "$OUT/$task.txt"
+    tf-secondorder bench --task "$task" --optimizers adam,shampoo \
+        --shampoo-option root_refresh=in_step --steps "$STEPS" --verbose 0 \
+        --out "$OUT/$task-instep" 2>&1 | tee "$OUT/$task-instep.txt"
 done
+# First step, step time, refresh and memory against model size (the GPU
+# trains; pipelined roots are computed on the host).
+tf-secondorder scale --models mlp-2048,lm-10m,lm-50m \
+    --optimizers adam,shampoo,shampoo-instep,soap --steps 60 --frequency 20 \
+    --out "$OUT/scale" 2>&1 | tee "$OUT/scale.txt"
 echo "wrote $OUT"

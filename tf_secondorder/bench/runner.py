@@ -106,16 +106,20 @@ class _Recorder(keras.callbacks.Callback):
         self.curve = []
         self.train_seconds = 0.0
 
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
+    # A step's time runs from the end of the previous step (or of the last
+    # evaluation) to its own end, so it includes the other callbacks' work
+    # before it: a pipelined refresh waits for late roots in one.
+    def on_train_begin(self, logs=None):
+        self._last = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        elapsed = time.perf_counter() - self._start
+        elapsed = time.perf_counter() - self._last
         self.step_times.append(elapsed)
         self.train_seconds += elapsed
         step = len(self.step_times)
         if step % self.task.eval_every == 0:
             self.curve.append([step, self._evaluate(), self.train_seconds])
+        self._last = time.perf_counter()
 
     def _evaluate(self):
         optimizer = self.model.optimizer
