@@ -8,8 +8,10 @@ from tf_secondorder.linalg import ROOT_METHODS, inverse_pth_root, resolve_root_m
 from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
 from tf_secondorder.optimizers.tensors import (
     compute_dtype,
+    concat_rows,
     dense,
     read,
+    split_rows,
     stacked_identity,
 )
 from tf_secondorder.preconditioning import shampoo as kernels
@@ -299,27 +301,38 @@ class Shampoo(PreconditionedOptimizer):
         return (read(self._preconditioners[slot]),)
 
     def refresh(self, items, statistic, current, refresh_step):
-        """Inverse roots of rows of slots' statistics, one batched op per
-        item. A rejected root is the row's current preconditioner."""
+        """Inverse roots of rows of slots' statistics: one batched op per
+        matrix size and exponent, over every item of that size. A rejected
+        root is the row's current preconditioner."""
+        groups = {}
+        for item in items:
+            spec = self._layout.slots[item[0]]
+            groups.setdefault((spec.size, spec.exponent, spec.dtype), []).append(item)
         roots, rejected = {}, {}
-        for slot, begin, end in items:
-            spec = self._layout.slots[slot]
-            dtype = tf.as_dtype(spec.dtype)
-            whole = begin == 0 and end == spec.count
-            stats = tf.cast(statistic(slot), dtype)
-            (previous,) = current(slot)
-            previous = tf.cast(previous, dtype)
-            if not whole:
-                stats, previous = stats[begin:end], previous[begin:end]
+        for (_, exponent, dtype), members in groups.items():
+            dtype = tf.as_dtype(dtype)
+            stats, previous = [], []
+            for slot, begin, end in members:
+                whole = begin == 0 and end == self._layout.slots[slot].count
+                (old,) = current(slot)
+                stat = tf.cast(statistic(slot), dtype)
+                old = tf.cast(old, dtype)
+                stats.append(stat if whole else stat[begin:end])
+                previous.append(old if whole else old[begin:end])
             new, ok, _ = inverse_pth_root(
-                stats,
-                spec.exponent,
+                concat_rows(stats),
+                exponent,
                 self.epsilon,
                 self._resolved_root_method,
                 compute_dtype=dtype,
             )
-            roots[(slot, begin, end)] = (tf.where(ok[:, None, None], new, previous),)
-            rejected[(slot, begin, end)] = ~ok
+            chosen = tf.where(ok[:, None, None], new, concat_rows(previous))
+            sizes = [end - begin for _, begin, end in members]
+            for item, root, flags in zip(
+                members, split_rows(chosen, sizes), split_rows(~ok, sizes)
+            ):
+                roots[item] = (root,)
+                rejected[item] = flags
         return roots, rejected
 
     def store_refreshed(self, results, refresh_step):

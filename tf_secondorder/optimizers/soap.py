@@ -5,7 +5,13 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.optimizers.preconditioned import PreconditionedOptimizer
-from tf_secondorder.optimizers.tensors import dense, read, stacked_identity
+from tf_secondorder.optimizers.tensors import (
+    concat_rows,
+    dense,
+    read,
+    split_rows,
+    stacked_identity,
+)
 from tf_secondorder.preconditioning import soap as kernels
 
 
@@ -217,17 +223,24 @@ class SOAP(PreconditionedOptimizer):
         return (read(self._bases[slot]),)
 
     def refresh(self, items, statistic, current, refresh_step):
+        """New bases of rows of slots: one batched eigh (or power step and
+        QR) per matrix size over every item of that size."""
         first = tf.equal(refresh_step, self.start_step)
+        groups = {}
+        for item in items:
+            spec = self._layout.slots[item[0]]
+            groups.setdefault((spec.size, spec.dtype), []).append(item)
         results, rejected = {}, {}
-        for slot, begin, end in items:
-            spec = self._layout.slots[slot]
-            stats = tf.cast(statistic(slot), spec.dtype)
-            (old,) = current(slot)
-            if not (begin == 0 and end == spec.count):
-                stats, old = stats[begin:end], old[begin:end]
-            identity = tf.range(spec.size)[None, :] + tf.zeros_like(
-                old[:, 0, :1], tf.int32
-            )
+        for (size, dtype), members in groups.items():
+            stats, previous = [], []
+            for slot, begin, end in members:
+                whole = begin == 0 and end == self._layout.slots[slot].count
+                stat = tf.cast(statistic(slot), dtype)
+                (old,) = current(slot)
+                stats.append(stat if whole else stat[begin:end])
+                previous.append(old if whole else old[begin:end])
+            stats, old = concat_rows(stats), concat_rows(previous)
+            identity = tf.range(size)[None, :] + tf.zeros_like(old[:, 0, :1], tf.int32)
             finite = tf.reduce_all(tf.math.is_finite(stats), axis=[-2, -1])
             safe = tf.where(finite[:, None, None], stats, tf.zeros_like(stats))
             basis, order = tf.cond(
@@ -238,8 +251,15 @@ class SOAP(PreconditionedOptimizer):
             ok = finite & tf.reduce_all(tf.math.is_finite(basis), axis=[-2, -1])
             basis = tf.where(ok[:, None, None], basis, old)
             order = tf.where(ok[:, None], order, identity)
-            results[(slot, begin, end)] = (basis, order)
-            rejected[(slot, begin, end)] = ~ok
+            sizes = [end - begin for _, begin, end in members]
+            for item, b, o, flags in zip(
+                members,
+                split_rows(basis, sizes),
+                split_rows(order, sizes),
+                split_rows(~ok, sizes),
+            ):
+                results[item] = (b, o)
+                rejected[item] = flags
         return results, rejected
 
     def store_refreshed(self, results, refresh_step):

@@ -43,3 +43,13 @@ def stacked_identity(shape, dtype):
     the first refresh)."""
     rows, n, _ = shape
     return tf.eye(n, batch_shape=[rows], dtype=dtype)
+
+
+def concat_rows(tensors):
+    """Stacks of matrices joined along their first axis (one op at most)."""
+    return tensors[0] if len(tensors) == 1 else tf.concat(tensors, axis=0)
+
+
+def split_rows(tensor, sizes):
+    """The inverse of `concat_rows` for pieces of `sizes` rows."""
+    return [tensor] if len(sizes) == 1 else tf.split(tensor, sizes, axis=0)
