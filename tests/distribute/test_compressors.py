@@ -7,7 +7,7 @@ import tensorflow as tf
 import tf_secondorder as tfso
 from tests.distribute import compression_reference as ref
 from tf_secondorder.compression import packing
-from tf_secondorder.distribute import aggregators
+from tf_secondorder.distribute import aggregators, voting
 from tf_secondorder.distribute.channel import Channel
 
 C = tfso.compression
@@ -295,7 +295,7 @@ def test_one_replica_not_finite_is_known_to_every_replica(mirrored, aggregator):
 
 def test_majority_vote_is_sign_of_sum_of_signs(mirrored):
     xs = [_x((50,), seed=s) for s in (4, 5)]
-    agg, _, _ = _on_replicas(mirrored, aggregators.MajorityVote(C.Sign()), xs)
+    agg, _, _ = _on_replicas(mirrored, voting.MajorityVote(C.Sign()), xs)
     votes = ref.sign(xs[0]) + ref.sign(xs[1])
     np.testing.assert_array_equal(agg[0], np.where(votes >= 0, 1.0, -1.0))
     assert set(np.unique(votes)) == {-2.0, 0.0, 2.0}  # ties (→ +1) were exercised

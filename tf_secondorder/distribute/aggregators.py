@@ -14,7 +14,8 @@ aggregator keeps between steps is created in `build` and assigned through
 
 - `AllReduceMean`: a summable codec's wires are summed by one all-reduce.
 - `GatherMean`: any codec's wires are all-gathered and decoded locally.
-- `MajorityVote`: all-gathered signs; the result is the sign of their sum.
+- `MajorityVote` (`voting.py`): the sign of the sum of the replicas' signs,
+  all-gathered or tallied by shard owners.
 - `PowerSGDMean`: PowerSGD's two all-reduces with a warm-started factor.
 - `Bidirectional` (`bidirectional.py`): each replica serves 1/N of the mean.
 """
@@ -146,19 +147,6 @@ class GatherMean(OneRound):
             tf.add_n(self.decoded(w, shape, s, num_replicas)) / num_replicas
             for w, shape, s in zip(received, shapes, seeds)
         ]
-
-
-class MajorityVote(GatherMean):
-    """sign(Σ_i sign(decode(wires_i))) with sign(0) = +1 (Bernstein et al. 2019)."""
-
-    def combine(self, received, shapes, seeds, num_replicas):
-        out = []
-        for w, shape, s in zip(received, shapes, seeds):
-            votes = tf.add_n(
-                [tf.sign(d) for d in self.decoded(w, shape, s, num_replicas)]
-            )
-            out.append(tf.where(votes >= 0, 1.0, -1.0))
-        return out
 
 
 class PowerSGDMean(Aggregator):

@@ -1,4 +1,13 @@
-"""Bidirectional compression with memory (Artemis, MCM, DeepSpeed's 1-bit Adam).
+"""Bidirectional compression with error feedback on both sides.
+
+Workers and servers each compress what they send and keep the compression
+residual as a memory added to their next message: DoubleSqueeze (Tang, Yu,
+Lian, Zhang, Liu, ICML 2019, arXiv:1905.05957) and the exchange of 1-bit
+Adam (Tang et al., ICML 2021, arXiv:2102.02888) as DeepSpeed implements it,
+with the server's work split across the replicas. Artemis and MCM
+(Philippenko, Dieuleveut) differ: Artemis's worker memory tracks the
+gradient (DIANA-style) instead of the residual, and MCM compresses the
+model on the way back.
 
 Each replica is the server of 1/N of the flattened gradient. Per step,
 replica i with input p_i (error feedback adds the worker memory before this

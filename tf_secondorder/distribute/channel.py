@@ -8,6 +8,10 @@ payloads all travel as int32 words in a single buffer. `bytes` and `rounds`
 count what this replica hands to the collectives while the step is traced
 (static for a given model, so exact); `received` counts what they deliver
 to it (an all_reduce its buffer, an all_gather N buffers, an all_to_all one).
+Both count a replica's own share too: an all_to_all's row for itself is in
+`bytes` and in `received`, an all_gather's own buffer in `received`. What
+crosses links is smaller by that share; an all_gather's ring also forwards
+N−1 buffers per replica that `bytes` (what was handed over) leaves out.
 
 **The finite flag.** A step with a non-finite gradient on any replica is
 skipped whole, including every replica's error-feedback memory, which lives
@@ -63,18 +67,24 @@ class Channel:
         """Each wire tensor of every replica, stacked: [replicas, *shape]."""
         return self._batched(wires, _GATHER)
 
-    def all_to_all(self, wires):
+    def all_to_all(self, wires, emulate=True):
         """Wire tensors of shape [replicas, ...]: row j goes to replica j; row i
-        of each result came from replica i."""
-        return self._batched(wires, _EXCHANGE)
+        of each result came from replica i.
+
+        Where the strategy has no all_to_all kernel it is emulated by an
+        all_gather (N times the bytes, counted so), or with `emulate=False`
+        nothing is sent and None is returned, so the caller can pick a
+        protocol that needs no all_to_all."""
+        return self._batched(wires, _EXCHANGE, emulate)
 
     # -- internals ------------------------------------------------------------
 
     def _flag(self, dtype):
         return tf.cast(tf.logical_not(self.local_finite), dtype)
 
-    def _run(self, kind, buffer, carries_flag):
-        """One collective on a flat buffer ([N, L] rows for an exchange)."""
+    def _run(self, kind, buffer, carries_flag, emulate=True):
+        """One collective on a flat buffer ([N, L] rows for an exchange);
+        None for an exchange that has no kernel when `emulate` is False."""
         n = self.num_replicas
         if kind is _SUM:
             if carries_flag:
@@ -92,15 +102,17 @@ class Channel:
             if carries_flag:
                 flags = tf.fill([n, 1], self._flag(buffer.dtype))
                 buffer = tf.concat([buffer, flags], 1)
-            out = self._exchange(buffer)
+            out = self._exchange(buffer, emulate)
+            if out is None:
+                return None
         if carries_flag:
             self.all_finite = tf.reduce_all(tf.equal(out[:, -1], 0))
             out = out[:, :-1]
         return out
 
-    def _exchange(self, rows):
+    def _exchange(self, rows, emulate):
         out = collectives.all_to_all(self.context, rows)
-        if out is None:
+        if out is None and emulate:
             # No all_to_all kernel: gather everything, keep the rows for this
             # replica (N times the bytes, and counted so).
             gathered = self.context.all_gather(rows[None], axis=0)
@@ -109,7 +121,7 @@ class Channel:
             self.received += size * (self.num_replicas - 1)
         return out
 
-    def _batched(self, wires, kind):
+    def _batched(self, wires, kind, emulate=True):
         flat = [t for wire in wires for t in wire]
         n = self.num_replicas
         groups = {}
@@ -129,7 +141,11 @@ class Channel:
             sizes = [int(p.shape[-1]) for p in parts]
             buffer = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
             carries_flag = self.all_finite is None
-            out = self._run(kind, buffer, carries_flag)
+            out = self._run(kind, buffer, carries_flag, emulate)
+            if out is None:
+                # Only an exchange, whose wires form one int32 group: nothing
+                # was sent or counted.
+                return None
             flag_elements = (n if kind is _EXCHANGE else 1) if carries_flag else 0
             nbytes = (buffer.shape.num_elements() + flag_elements) * buffer.dtype.size
             self.bytes += nbytes

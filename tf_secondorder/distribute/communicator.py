@@ -36,6 +36,7 @@ from tf_secondorder.distribute.channel import Channel
 from tf_secondorder.distribute.error_feedback import ErrorFeedback
 from tf_secondorder.distribute.local_sgd import LocalSGD
 from tf_secondorder.distribute.saddle import SaddlePerturbation
+from tf_secondorder.distribute.voting import MajorityVote
 
 
 def make_aggregator(config):
@@ -49,7 +50,7 @@ def make_aggregator(config):
     elif config.aggregation == "bidirectional":
         protocol = Bidirectional(scheme, server_memory=config.uses_error_feedback)
     elif config.aggregation == "majority_vote":
-        protocol = aggregators.MajorityVote(scheme)
+        protocol = MajorityVote(scheme)
     elif scheme.summable:
         protocol = aggregators.AllReduceMean(scheme)
     else:

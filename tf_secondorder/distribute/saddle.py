@@ -1,12 +1,23 @@
 """Escaping strict saddle points by perturbation.
 
-Perturbed gradient descent (Jin et al. 2017; in the distributed setting Xu,
-Jin, Yang 2018): at a step whose gradient (all-reduced, over all trainable
-variables) has ‖g‖ < `threshold`, and at least `interval` steps after the
-last perturbation, the weights after the step move by ξ drawn uniformly from
-the ball of radius `radius`. At a strict saddle the gradient vanishes and
-plain gradient steps stay there; ξ has a component along the negative
-curvature direction almost surely, which the following steps amplify.
+The perturbation rule of perturbed gradient descent (PGD: Jin, Ge,
+Netrapalli, Kakade, Jordan, "How to Escape Saddle Points Efficiently", ICML
+2017, arXiv:1703.00887): at a step whose gradient (all-reduced, over all
+trainable variables) has ‖g‖ < `threshold`, and at least `interval` steps
+after the last perturbation, the weights after the step move by ξ drawn
+uniformly from the ball of radius `radius`. At a strict saddle the gradient
+vanishes and plain gradient steps stay there; ξ has a component along the
+negative curvature direction almost surely, which the following steps
+amplify.
+
+What differs from the paper's PGD: ξ is added after the step whose gradient
+was small (PGD adds it first and steps from the perturbed point, one
+gradient later), the gradient is the stochastic mini-batch one of
+data-parallel training (PGD's analysis is for exact gradients), and the
+threshold, radius and interval are the user's, not the paper's functions of
+the smoothness constants. Nothing here is NEON (Xu, Jin, Yang, NeurIPS
+2018), which extracts a negative-curvature direction from noise with
+first-order steps and then moves along it.
 
 ξ is drawn in cross-replica context from a seed and the step number, so every
 replica adds the same ξ and replicas stay equal.

@@ -18,8 +18,13 @@ class SignSGD(CommunicatingOptimizer, keras.optimizers.Optimizer):
         m_i ← β·m_i + (1 − β)·g_i               (m_i = g_i when β = 0)
         θ ← θ − lr · sign(Σ_i sign(m_i))         (sign(0) = +1 in the vote)
 
-    one bit per element each way. It tolerates a minority of
-    replicas sending wrong signs. With one replica this is
+    one bit per element each way: with 3 or more replicas each replica
+    tallies 1/N of the elements and sends its shard's result back
+    (`tfso.distribute.voting`). A minority of k replicas sending wrong
+    signs can change the vote only on elements where the honest replicas'
+    signs sum to at most k in absolute value (at exactly k only through the
+    tie rule, towards +1); elsewhere the update is the honest majority's.
+    With one replica this is
     θ ← θ − lr·sign(m) with sign(0) = 0, so a weight with a zero gradient
     does not move. With `aggregation="mean"` the replicas' momenta (or the
     chosen compression of them) are averaged and the update is
