@@ -4,9 +4,11 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from tf_secondorder import cli
+from tf_secondorder.bench.arguments import UsageError
 
 
 def test_bench_writes_results(tmp_path, data_dir, capsys):
@@ -174,3 +176,38 @@ def test_bench_with_replicas_reports_bytes(tmp_path, data_dir):
     # its per-step ratio (no warm-up by default).
     assert plain["run_bytes_ratio"] == 1.0
     assert sign["run_bytes_ratio"] == sign["bytes_per_step"] / plain["bytes_per_step"]
+
+
+def test_scale_reports_every_measure_per_configuration(tmp_path, capsys):
+    code = cli.main(
+        ["scale", "--models", "mlp-1024", "--optimizers", "adam,shampoo"]
+        + ["--steps", "3", "--out", str(tmp_path)]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| mlp-1024 | 4.2 M | shampoo |" in out
+    records = json.loads((tmp_path / "scale.json").read_text())
+    assert [r["optimizer"] for r in records] == ["adam", "shampoo"]
+    for record in records:
+        assert record["parameters"] == 4 * (1024 * 1024 + 1024)
+        assert record["first_step_seconds"] > 0 and record["peak_rss_mib"] > 0
+        assert record["optimizer_ops"] > 0 and np.isfinite(record["final_loss"])
+    adam, shampoo = records
+    # Adam keeps 2 copies of the weights; Shampoo also statistics and roots
+    # (2 of 256x256 per 256x256 block each) and its snapshot.
+    assert adam["state_weight_ratio"] == pytest.approx(2.0, abs=1e-6)
+    assert shampoo["state_weight_ratio"] > 6
+
+
+@pytest.mark.parametrize(
+    "args, name",
+    [
+        (["--models", "mlp-9"], "--models"),
+        (["--optimizers", "adam,lbfgs"], "--optimizers"),
+        (["--steps", "1"], "--steps"),
+        (["--frequency", "0"], "--frequency"),
+    ],
+)
+def test_scale_bad_input_is_named(args, name):
+    with pytest.raises(UsageError, match=f"`{name}` must be"):
+        cli.main(["scale"] + args)
