@@ -20,8 +20,10 @@ and can be removed with `uninstall_keras_patches()`.
    `keras.callbacks.CallbackList`; the wrapped constructor puts
    tf_secondorder's callbacks in front of the user's when the model's
    optimizer is one of this package's: `OptimizerCounters` (its counters in
-   the logs, for History, CSVLogger and TensorBoard) and, under local SGD,
-   `SyncReplicas`. Installed when such an optimizer is created.
+   the logs, for History, CSVLogger and TensorBoard), `RootPipeline` (the
+   host side of pipelined root refreshes) and, under local SGD,
+   `SyncReplicas`. Installed when such an optimizer is created; logged at
+   INFO, since other models' callbacks are left as they are.
 """
 
 import inspect
@@ -45,12 +47,13 @@ def installed_keras_patches():
     return sorted(_INSTALLED)
 
 
-def _install(name, owner, attribute, replacement, reason):
+def _install(name, owner, attribute, replacement, reason, level=logging.WARNING):
     if name in _INSTALLED:
         return False
     _INSTALLED[name] = (owner, attribute, getattr(owner, attribute))
     setattr(owner, attribute, replacement)
-    logger.warning(
+    logger.log(
+        level,
         "tf_secondorder: patched %s.%s (%s); "
         "tf_secondorder.compat.uninstall_keras_patches() removes it.",
         getattr(owner, "__name__", owner),
@@ -243,6 +246,10 @@ def install_callback_injection(callbacks_for):
         callback_list,
         "__init__",
         __init__,
-        "optimizer counters in the fit logs; replicas averaged before "
-        "evaluation and saving under local SGD",
+        "tf_secondorder's callbacks for models whose optimizer is "
+        "tf_secondorder's: optimizer counters in the fit logs, pipelined "
+        "root refreshes, replicas averaged before evaluation and saving under "
+        "local SGD",
+        # It changes nothing for other models: information, not a warning.
+        level=logging.INFO,
     )

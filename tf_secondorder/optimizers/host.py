@@ -35,15 +35,19 @@ class HostRefresh:
         optimizer = root_refresh.optimizer
         self.optimizer = optimizer
         slots = root_refresh.layout.slots
-        # What the host computed and the step installs; not tracked (a
-        # plain list of tf.Variables), so not saved: a resumed run
-        # recomputes them from the saved snapshot.
+        # What the host computed and the step installs, in the dtypes the
+        # optimizer stores them in (bfloat16 roots stay bfloat16); not
+        # tracked (a plain list of tf.Variables), so not saved: a resumed
+        # run recomputes them from the saved snapshot.
+        self._specs = [
+            optimizer.refresh_specs(s, slot.count) for s, slot in enumerate(slots)
+        ]
         self._pending = [
             tuple(
-                tf.Variable(tf.zeros(shape, dtype), trainable=False)
-                for shape, dtype in optimizer.refresh_specs(s, slot.count)
+                tf.Variable(tf.zeros(shape, stored), trainable=False)
+                for (shape, _), stored in zip(specs, optimizer.stored_dtypes(s))
             )
-            for s, slot in enumerate(slots)
+            for s, specs in enumerate(self._specs)
         ]
         self._rejected = [
             tf.Variable(tf.zeros([slot.count], tf.int64), trainable=False)
@@ -60,14 +64,23 @@ class HostRefresh:
     def ready(self, refresh_step):
         return tf.equal(read(self._ready_step), refresh_step)
 
+    def pending_bytes(self):
+        """Memory of the pending results (not part of the saved state)."""
+        return sum(
+            v.shape.num_elements() * v.dtype.size
+            for v in [*[p for ps in self._pending for p in ps], *self._rejected]
+        )
+
     def pending(self, items):
         """({item: tuple of tensors}, failures) of items (slot, begin, end)
         from the pending variables."""
         results, failures = {}, tf.constant(0, tf.int64)
         for slot, begin, end in items:
             whole = begin == 0 and end == self.root_refresh.layout.slots[slot].count
+            # Back in the computed dtype (exact), as a step's refresh returns.
             results[(slot, begin, end)] = tuple(
-                read(v) if whole else read(v)[begin:end] for v in self._pending[slot]
+                tf.cast(read(v) if whole else read(v)[begin:end], dtype)
+                for v, (_, dtype) in zip(self._pending[slot], self._specs[slot])
             )
             failures += tf.reduce_sum(read(self._rejected[slot])[begin:end])
         return results, failures
@@ -77,6 +90,8 @@ class HostRefresh:
     def advance(self, next_steps=1):
         """Starts, collects or waits for the pending refresh so that the
         next `next_steps` steps find it ready. Returns whether it waited."""
+        if self._function is None:
+            self._prepare()
         refresh_step = int(self.root_refresh.snapshot_step.numpy())
         if refresh_step == 0 or int(self._ready_step.numpy()) == refresh_step:
             return False
@@ -102,17 +117,38 @@ class HostRefresh:
             self.root_refresh.waits.assign_add(1)
         return waited
 
+    def _prepare(self):
+        """The thread and its function, traced there at once (from the
+        shapes alone), so that the first refresh does not wait for it."""
+        self._function = tf.function(self._compute)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="tf_secondorder_roots"
+        )
+        slots = range(len(self.root_refresh.layout.slots))
+        specs = (
+            [
+                tf.TensorSpec(v.shape, v.dtype)
+                for v in (self.root_refresh.snapshot_statistic(s) for s in slots)
+            ],
+            [
+                tuple(tf.TensorSpec(t.shape, t.dtype) for t in current)
+                for current in (self.optimizer.current_refreshed(s) for s in slots)
+            ],
+            tf.TensorSpec([], tf.int32),
+        )
+
+        def trace():
+            with tf.device("/CPU:0"):
+                self._function.get_concrete_function(*specs)
+
+        self._executor.submit(trace)
+
     def _start(self, refresh_step):
         optimizer = self.optimizer
         slots = range(len(self.root_refresh.layout.slots))
         # Read on this thread: the background thread touches no variable.
         statistics = [self.root_refresh.snapshot_statistic(s) for s in slots]
         current = [optimizer.current_refreshed(s) for s in slots]
-        if self._function is None:
-            self._function = tf.function(self._compute, reduce_retracing=True)
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="tf_secondorder_roots"
-            )
         step = tf.constant(refresh_step, tf.int32)
 
         def run():
@@ -135,7 +171,7 @@ class HostRefresh:
         (tensors, seconds) = outcome
         for slot, (values, rejected) in enumerate(tensors):
             for variable, value in zip(self._pending[slot], values):
-                variable.assign(value)
+                variable.assign(tf.cast(value, variable.dtype))
             self._rejected[slot].assign(rejected)
         self._ready_step.assign(refresh_step)
         self.root_refresh.clock.seconds.assign_add(seconds)

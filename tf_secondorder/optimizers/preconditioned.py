@@ -348,6 +348,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         of slot `slot`."""
         raise NotImplementedError
 
+    def stored_dtypes(self, slot):
+        """The dtypes the refreshed tensors of slot `slot` are stored in
+        (casting to them once is all storing does); by default those of
+        `refresh_specs`."""
+        return tuple(dtype for _, dtype in self.refresh_specs(slot, 1))
+
     def current_refreshed(self, slot):
         """The tensors a refresh of slot `slot` replaces, as they are now
         (a tuple, as `refresh` returns)."""

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tf_secondorder.compat.graph import in_xla_context
 from tf_secondorder.distribute import sharding
+from tf_secondorder.optimizers.host import HostRefresh
 from tf_secondorder.optimizers.tensors import no_op, read
 
 ROOT_REFRESH = ("auto", "pipelined", "in_step")
@@ -47,8 +48,6 @@ class RootRefresh:
         self.waits = self.clock.waits
         self.host = None
         if self.delay:
-            from tf_secondorder.optimizers.host import HostRefresh
-
             # The snapshot of the statistics at the refresh step and that
             # step (0: none pending): saved, so a resumed run recomputes.
             self.snapshot = [

@@ -297,6 +297,9 @@ class Shampoo(PreconditionedOptimizer):
         size = self._layout.slots[slot].size
         return (((rows, size, size), self._layout.slots[slot].dtype),)
 
+    def stored_dtypes(self, slot):
+        return (self.preconditioner_dtype or self._layout.slots[slot].dtype,)
+
     def current_refreshed(self, slot):
         return (read(self._preconditioners[slot]),)
 
