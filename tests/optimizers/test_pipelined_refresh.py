@@ -168,3 +168,23 @@ def test_in_step_and_local_sgd_have_no_delay_and_config_round_trips():
     optimizer = MAKERS["soap"](refresh_delay=2)
     clone = tfso.SOAP.from_config(optimizer.get_config())
     assert (clone.root_refresh, clone.refresh_delay) == ("auto", 2)
+
+
+@pytest.mark.parametrize("name", ["shampoo", "soap"])
+def test_a_driver_that_stops_waiting_leaves_the_roots_as_they_are(name):
+    """Once `advance_root_pipeline` has run, a step traced afterwards relies
+    on it (no root computation in its graph): when later calls are skipped,
+    the install steps keep the current roots and count the miss."""
+    x, y = regression_data()
+    model = mlp()
+    optimizer = MAKERS[name](refresh_delay=2)
+    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+    optimizer.build(model.trainable_variables)
+    optimizer.advance_root_pipeline()  # before the first trace, then never
+    for i in range(10):
+        step(x[16 * i % 128 : 16 * i % 128 + 16], y[16 * i % 128 : 16 * i % 128 + 16])
+    # Snapshots at 3, 6, 9; installs due at 5 and 8, both without roots.
+    assert int(optimizer.refresh_waits.numpy()) == 2
+    for view in factor_views(optimizer, KIND[name]):
+        np.testing.assert_array_equal(view.numpy(), np.eye(view.size))
+    assert all(np.isfinite(w).all() for w in weights_of(model))

@@ -91,3 +91,32 @@ def test_a_custom_training_step_does_not_run_the_optimizer_through_autograph(mak
     ours = [m for m in converted if m.startswith("tf_secondorder")]
     assert converted, "AutoGraph converted nothing: the probe no longer sees it"
     assert ours == []
+
+
+def _apply_op_count(optimizer, variables):
+    specs = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
+    graph = (
+        tf.function(lambda grads: optimizer.apply(grads, variables))
+        .get_concrete_function(specs)
+        .graph.as_graph_def()
+    )
+    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_graph_grows_with_block_shapes_not_blocks(make):
+    """Four 512×512 kernels (64 blocks of 128×128) and four 2048×2048 ones
+    (1024 blocks) have one block shape: the traced update (statistics,
+    refresh, preconditioned step) is the same size for both, up to a couple
+    of constants that TensorFlow dedupes differently for other values (an op
+    per block would add over 3000)."""
+    counts = []
+    for width in (512, 2048):
+        variables = [
+            keras.Variable(np.zeros((width, width), "float32")) for _ in range(4)
+        ]
+        optimizer = make(block_size=128)
+        optimizer.build(variables)
+        assert len(optimizer._layout.slots) == 2  # one shape, two axes
+        counts.append(_apply_op_count(optimizer, variables))
+    assert abs(counts[0] - counts[1]) <= 4, counts

@@ -17,6 +17,17 @@ class RootPipeline(keras.callbacks.Callback):
         optimizer = getattr(self.model, "optimizer", None)
         return getattr(optimizer, "inner_optimizer", optimizer)
 
+    def on_train_begin(self, logs=None):
+        # Built here, before Keras traces the train step, the optimizer
+        # creates no variables inside that trace (which makes TensorFlow
+        # trace it twice), and its step is traced knowing that this
+        # callback drives the pipeline.
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            with self.model.distribute_strategy.scope():
+                optimizer.build(self.model.trainable_variables)
+        self.on_train_batch_begin(0)
+
     def on_train_batch_begin(self, batch, logs=None):
         optimizer = self._optimizer()
         if hasattr(optimizer, "advance_root_pipeline"):

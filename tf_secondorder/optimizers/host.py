@@ -56,6 +56,9 @@ class HostRefresh:
         # The refresh step whose roots `_pending` holds (0: none).
         self._ready_step = tf.Variable(0, dtype=tf.int32, trainable=False)
         self._executor = None
+        # Whether something drives the pipeline between steps (then a step
+        # traced afterwards need not be able to compute roots itself).
+        self.driven = False
         self._job = None  # (refresh step, future)
         self._function = None
 
@@ -90,11 +93,15 @@ class HostRefresh:
     def advance(self, next_steps=1):
         """Starts, collects or waits for the pending refresh so that the
         next `next_steps` steps find it ready. Returns whether it waited."""
-        if self._function is None:
+        self.driven = True
+        if self._function is None and int(self.optimizer.iterations.numpy()) > 0:
+            # After the first step, whose tracing it would slow (the GIL).
             self._prepare()
         refresh_step = int(self.root_refresh.snapshot_step.numpy())
         if refresh_step == 0 or int(self._ready_step.numpy()) == refresh_step:
             return False
+        if self._function is None:
+            self._prepare()
         if self._job is None or self._job[0] != refresh_step:
             self._start(refresh_step)
         _, future = self._job
@@ -120,7 +127,8 @@ class HostRefresh:
     def _prepare(self):
         """The thread and its function, traced there at once (from the
         shapes alone), so that the first refresh does not wait for it."""
-        self._function = tf.function(self._compute)
+        # Plain Python (no tensor-dependent control flow): no AutoGraph.
+        self._function = tf.function(self._compute, autograph=False)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="tf_secondorder_roots"
         )

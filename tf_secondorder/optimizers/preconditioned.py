@@ -261,7 +261,10 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         the roots after a refresh step, hands finished roots to the step that
         installs them, and waits for late ones when that step is among the
         next `next_steps`. `fit` calls it itself. Without it the install
-        step computes the roots itself (counted in `refresh_waits`).
+        step computes the roots itself (counted in `refresh_waits`); once it
+        has been called, a step traced afterwards leaves that computation
+        out of its graph (a shorter first step) and keeps the previous roots
+        where a call was skipped: call it before every step, or never.
         Returns whether it waited."""
         validation.integer("next_steps", next_steps, 1)
         if not self.built or self._root_refresh.host is None:
@@ -358,6 +361,15 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         """The tensors a refresh of slot `slot` replaces, as they are now
         (a tuple, as `refresh` returns)."""
         raise NotImplementedError
+
+    def unchanged_refreshed(self, slot, begin, end):
+        """What `refresh` returns for rows [begin, end) of slot `slot` when
+        nothing changes: by default their current tensors."""
+        specs = self.refresh_specs(slot, end - begin)
+        return tuple(
+            tf.cast(t[begin:end], dtype)
+            for t, (_, dtype) in zip(self.current_refreshed(slot), specs)
+        )
 
     def refresh(self, items, statistic, current, refresh_step):
         """(dict item -> tuple of tensors, dict item -> [rows] bool rejected)

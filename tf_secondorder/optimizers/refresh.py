@@ -12,7 +12,8 @@
   then is waited for (from `fit`, or a custom loop's call of
   `advance_root_pipeline`) or, where nothing waited, computed by the step
   itself from the snapshot: either way the result is the roots of step t's
-  statistics, counted in `refresh_waits`.
+  statistics, counted in `refresh_waits`. (A step traced after a driver ran
+  leaves that computation out of its graph, for a shorter first step.)
 - *where* a refresh that runs in a step is computed (`compute`): by every
   replica from its own statistics under local SGD; split across replicas
   and all-gathered under MirroredStrategy / MultiWorkerMirroredStrategy
@@ -123,11 +124,19 @@ class RootRefresh:
                 )
             )
 
+        def kept(items):
+            # A driver skipped its wait: the roots stay as they are.
+            unchanged = self.optimizer.unchanged_refreshed
+            return {item: unchanged(*item) for item in items}, tf.constant(0, tf.int64)
+
+        # Traced after a driver (fit's callback, `advance_root_pipeline`) has
+        # run, the step leaves the roots' computation out of its graph: the
+        # driver waits for them, so they are ready. Traced before, the step
+        # can compute them itself.
+        late = kept if self.host.driven else computed
+
         def either(items):
-            results, failures = tf.cond(
-                ready, lambda: from_host(items), lambda: computed(items)
-            )
-            return results, failures
+            return tf.cond(ready, lambda: from_host(items), lambda: late(items))
 
         results, failures = self.compute(
             distribution, statistic, refresh_step, compute_items=either

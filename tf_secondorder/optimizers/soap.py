@@ -222,6 +222,12 @@ class SOAP(PreconditionedOptimizer):
     def current_refreshed(self, slot):
         return (read(self._bases[slot]),)
 
+    def unchanged_refreshed(self, slot, begin, end):
+        # The current basis, its columns in their order.
+        (basis,) = self.current_refreshed(slot)
+        order = tf.range(self._layout.slots[slot].size)[None, :]
+        return basis[begin:end], tf.tile(order, [end - begin, 1])
+
     def refresh(self, items, statistic, current, refresh_step):
         """New bases of rows of slots: one batched eigh (or power step and
         QR) per matrix size over every item of that size."""
