@@ -139,7 +139,7 @@ def test_bytes_and_the_automatic_choice(runs, replicas, codec):
         assert arrays[f"{codec}/auto/received"] <= 1.1 * arrays[f"{codec}/auto/bytes"]
 
 
-@pytest.mark.parametrize("replicas", REPLICAS)
+@pytest.mark.parametrize("replicas", REPLICAS[:2])
 def test_signsgd_in_fit_is_the_same_on_both_protocols(runs, replicas):
     """model.fit with the automatic protocol against one forced to all-gather:
     the same weights bit for bit, on every replica."""
