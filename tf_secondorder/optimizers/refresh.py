@@ -156,10 +156,10 @@ class RootRefresh:
         if in_xla_context():
             return fn()
         # Timestamps are stateful ops: automatic control dependencies keep
-        # them before and after the refresh's variable assignments.
+        # them before and after the refresh's variable assignments; a
+        # result that is returned (not assigned) is waited for explicitly.
         start = tf.timestamp()
-        with tf.control_dependencies([start]):
-            out = fn()
+        out = fn()
         flat = [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor)]
         with tf.control_dependencies(flat):
             self.clock.seconds.assign_add(tf.timestamp() - start)
