@@ -99,6 +99,7 @@ class RootRefresh:
     def _refresh_now(self, distribution, number):
         results, failures = self.compute(distribution, self.optimizer.statistic, number)
         self._store(results, failures, number)
+        return results  # for the clock to wait on (None under local SGD)
 
     def _take_snapshot(self, number):
         self.optimizer._refreshes.assign_add(1)
@@ -154,16 +155,18 @@ class RootRefresh:
         if count:
             self.optimizer._refreshes.assign_add(1)
         if in_xla_context():
-            return fn()
-        # Timestamps are stateful ops: automatic control dependencies keep
-        # them before and after the refresh's variable assignments; a
-        # result that is returned (not assigned) is waited for explicitly.
+            out = fn()
+            return None if count else out
+        # The computation reads its inputs after the first timestamp and
+        # the second waits for its results: the roots are pure tensor work,
+        # which automatic control dependencies would not order.
         start = tf.timestamp()
-        out = fn()
+        with tf.control_dependencies([start]):
+            out = fn()
         flat = [t for t in tf.nest.flatten(out) if isinstance(t, tf.Tensor)]
         with tf.control_dependencies(flat):
             self.clock.seconds.assign_add(tf.timestamp() - start)
-        return out
+        return None if count else out
 
     # -- where a refresh is computed ------------------------------------------
 
