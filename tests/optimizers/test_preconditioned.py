@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import assert_root_matches_reference, factor_views
+from tf_secondorder.bench.scale import optimizer_op_count
 from tf_secondorder.preconditioning.layout import BlockLayout
 
 
@@ -93,16 +94,6 @@ def test_a_custom_training_step_does_not_run_the_optimizer_through_autograph(mak
     assert ours == []
 
 
-def _apply_op_count(optimizer, variables):
-    specs = [tf.TensorSpec(v.shape, v.dtype) for v in variables]
-    graph = (
-        tf.function(lambda grads: optimizer.apply(grads, variables))
-        .get_concrete_function(specs)
-        .graph.as_graph_def()
-    )
-    return len(graph.node) + sum(len(f.node_def) for f in graph.library.function)
-
-
 @pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
 def test_graph_grows_with_block_shapes_not_blocks(make):
     """Four 512×512 kernels (64 blocks of 128×128) and four 2048×2048 ones
@@ -118,5 +109,5 @@ def test_graph_grows_with_block_shapes_not_blocks(make):
         optimizer = make(block_size=128)
         optimizer.build(variables)
         assert len(optimizer._layout.slots) == 2  # one shape, two axes
-        counts.append(_apply_op_count(optimizer, variables))
+        counts.append(optimizer_op_count(optimizer, variables))
     assert abs(counts[0] - counts[1]) <= 4, counts

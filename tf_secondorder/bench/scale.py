@@ -77,7 +77,7 @@ def _model_and_batches(name, steps, seed=0):
     return model, pool, loss
 
 
-def _optimizer_op_count(optimizer, variables):
+def optimizer_op_count(optimizer, variables):
     """Ops in the graph of one `apply` (branches and nested functions in)."""
     import tensorflow as tf
 
@@ -146,7 +146,7 @@ def measure(model_name, optimizer_name, steps, learning_rate, frequency):
     # Counted on a second optimizer, after the peak memory was read.
     counted = make_optimizer(base, learning_rate, options)
     counted.build(model.trainable_variables)
-    record["optimizer_ops"] = _optimizer_op_count(counted, model.trainable_variables)
+    record["optimizer_ops"] = optimizer_op_count(counted, model.trainable_variables)
     del tf
     return record
 
