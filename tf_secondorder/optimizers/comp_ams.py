@@ -27,23 +27,21 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
     converges at uncompressed AMSGrad's rate, with linear speedup in the
     number of workers. That is the paper's theorem, an order of
     convergence; it promises nothing about the loss reached in a given
-    number of steps, and this package's measurements show a gap: on a dense
-    autoencoder at 2 replicas (2000 steps) the final loss was 3.2×
-    uncompressed Adam's and 3.9× Keras AMSGrad's (0.0042 against 0.00133
-    and 0.00109), on a byte-level Transformer 1.02× Adam's. With one replica
-    (no strategy) nothing is compressed and this is AMSGrad.
+    number of steps, and this package's measurements show a gap on the
+    digits autoencoder, though not on a byte-level Transformer
+    (docs/benchmarks.md, "1-bit Adam / COMP-AMS"). With one replica (no
+    strategy) nothing is compressed and this is AMSGrad.
 
     The first `compression_warmup_steps` (default 32) are all-reduced in full
     precision. This warm-up is this package's addition, not part of the
     paper's algorithm, which compresses from the first step
     (`compression_warmup_steps=0` runs it). It borrows 1-bit Adam's warm-up
     so that v̂ starts from per-element magnitudes, which a block-sign code
-    (one magnitude per tensor) cannot give it: on the autoencoder above it
-    took the final loss from 12× to 3.2× Adam's with block sign and from 26×
-    to 13× with top-k, for 0.047 instead of 0.031 of the float32 bytes. A
-    compressed second moment still loses most per-element scaling there: for
-    Adam's quality at 1/17 of the bytes use `OneBitAdam`, whose variance is
-    frozen from full-precision gradients.
+    (one magnitude per tensor) cannot give it; on the autoencoder it lowered
+    the final loss several-fold for a few more bytes (docs/benchmarks.md).
+    A compressed second moment still loses most per-element scaling there:
+    for Adam's quality at a small fraction of the bytes use `OneBitAdam`,
+    whose variance is frozen from full-precision gradients.
 
     A step with NaN/Inf in a gradient is skipped whole and counted in
     `nonfinite_steps`.
