@@ -118,11 +118,12 @@ class Shampoo(PreconditionedOptimizer):
             third of its first step's tracing, for no fewer steps.
         distribute_roots: `"auto"`, `True` or `False`. With more than one
             replica under MirroredStrategy or MultiWorkerMirroredStrategy
-            (`"auto"` or `True`), the factors are assigned to replicas by cost
-            (n³, largest first to the least loaded); at a refresh each
-            replica computes only its share and the results are all-gathered,
-            so the refresh work per replica falls ~1/N and the numbers equal
-            the unsplit computation. `False`: every host computes all roots.
+            (`"auto"` or `True`), the stacked factors are cut into row ranges
+            assigned to replicas by cost (rows · n³, largest first to the
+            least loaded); at a refresh (or a pipelined install) each
+            replica computes only its share and the results are
+            all-gathered, so the refresh work per replica falls ~1/N.
+            `False`: every host computes all roots.
         root_refresh: `"auto"`, `"pipelined"` or `"in_step"`. Pipelined:
             at a refresh step t the statistics are snapshotted, the host
             computes the new roots while training goes on with the old

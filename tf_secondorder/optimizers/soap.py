@@ -71,22 +71,10 @@ class SOAP(PreconditionedOptimizer):
         precondition_1d: whether vectors (biases, normalization scales) get
             a basis. Defaults to `False`, as in the authors' code: they get
             Adam's update.
-        root_refresh: `"auto"`, `"pipelined"` or `"in_step"`. Pipelined:
-            at a refresh step t the statistics are snapshotted, the host
-            computes the new bases while training goes on with the old
-            ones (a background thread running a CPU-placed `tf.function`;
-            `fit` drives it, a custom loop calls `advance_root_pipeline`),
-            and step t + `refresh_delay` installs them on every replica and
-            worker; a step whose bases are late waits (`refresh_waits`).
-            The accelerator never computes an eigendecomposition, and a
-            refresh step costs about an ordinary one. In the step: step t
-            computes and installs them. `"auto"`: pipelined, except under
-            local SGD (each replica refreshes from its own statistics).
-        refresh_delay: d, steps between a pipelined refresh's statistics
-            and the first step using its bases, in
-            `[1, precondition_frequency]`; `None`: 10, or the frequency if
-            smaller. Until the first bases arrive the update is the
-            first-order one.
+        root_refresh, refresh_delay: as in Shampoo, for the bases:
+            pipelined by default (computed on the host from a snapshot of
+            step t's statistics, installed at step t + d); until the first
+            bases arrive the update is Adam's.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
