@@ -60,6 +60,7 @@ def bench(args):
                         verbose=args.verbose,
                         strategy=strategy,
                         repeat=repeat,
+                        precision=args.precision,
                     )
                 )
     summaries = [
@@ -77,6 +78,7 @@ def bench(args):
         "eval_every": task.eval_every,
         "replicas": args.replicas,
         "repeats": args.repeats,
+        "precision": args.precision,
         "targets": [
             {"repeat": repeat, "seed": seed, **s}
             for repeat, (seed, s) in enumerate(zip(seeds, summaries, strict=True))
@@ -264,6 +266,12 @@ def main(argv=None):
         default=1,
         help="train under MirroredStrategy on this many logical CPUs (or GPUs); "
         "the table then shows bytes per replica per step",
+    )
+    b.add_argument(
+        "--precision",
+        default="float32",
+        help="Keras dtype policy of the models: float32, mixed_bfloat16 or "
+        "mixed_float16 (Keras wraps the optimizer in a LossScaleOptimizer)",
     )
     b.add_argument(
         "--shampoo-option",

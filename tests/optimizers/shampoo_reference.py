@@ -45,7 +45,7 @@ class NumpyShampoo:
         beta1=0.9,
         beta2=0.95,
         shampoo_beta=0.95,
-        epsilon=1e-6,
+        epsilon=1e-4,
         block_size=256,
         precondition_frequency=100,
         start_preconditioning_step=None,

@@ -35,6 +35,7 @@ class NumpySOAP:
         packed_statistics=False,  # storage only: the same numbers
         root_refresh="auto",
         refresh_delay=None,
+        grafting="adam",
     ):
         # Pipelined: the bases of step t's statistics are first used at step
         # t + delay; in the step: at step t.
@@ -42,6 +43,7 @@ class NumpySOAP:
         if root_refresh != "in_step":
             self.delay = refresh_delay or min(10, precondition_frequency)
         self.pending = None
+        self.grafting = grafting
         self.lr, self.b1, self.b2, self.eps = learning_rate, beta1, beta2, epsilon
         self.bs = beta2 if shampoo_beta is None else shampoo_beta
         self.freq, self.start, self.wd = (
@@ -76,6 +78,8 @@ class NumpySOAP:
                     bases=bases,
                     m=np.zeros(shape),
                     v=np.zeros(merged or shape),
+                    # Adam's second moment in the parameter's coordinates.
+                    v_graft=np.zeros(merged or shape),
                 )
             )
 
@@ -111,6 +115,7 @@ class NumpySOAP:
             # their bias corrections) with the first eigenbasis.
             st["v"] = np.zeros_like(st["v"])
             st["m"] = np.zeros_like(st["m"])
+            st["v_graft"] = np.zeros_like(st["v_graft"])
         for (b, a), (q, order) in new.items():
             st["bases"][b, a] = q
             if order is not None:
@@ -152,7 +157,20 @@ class NumpySOAP:
             normalized = self._rotate(st, st["m"], back=False) / (
                 np.sqrt(st["v"]) + self.eps
             )
-            direction = self._rotate(st, normalized, back=True).reshape(st["shape"])
+            direction = self._rotate(st, normalized, back=True)
+            if self.grafting == "adam" and st["stats"]:
+                # Each block of the direction gets the length of Adam's.
+                gm = np.asarray(g, np.float64).reshape(st["merged"])
+                st["v_graft"] = self.b2 * st["v_graft"] + (1 - self.b2) * gm**2
+                adam = st["m"].reshape(st["merged"]) / (
+                    np.sqrt(st["v_graft"]) + self.eps
+                )
+                for slices in st["blocks"]:
+                    length = np.linalg.norm(adam[slices])
+                    direction[slices] *= length / (
+                        np.linalg.norm(direction[slices]) + 1e-16
+                    )
+            direction = direction.reshape(st["shape"])
             first_use = self.start + self.delay
             t_own = t - first_use + 1 if st["stats"] and t >= first_use else t
             step = lr * np.sqrt(1 - self.b2**t_own) / (1 - self.b1**t_own)

@@ -8,6 +8,8 @@ import json
 import math
 import os
 
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
 
 class UsageError(ValueError):
     """An invalid command-line argument, found before any work starts.
@@ -189,6 +191,10 @@ def check_bench_args(args):
         raise usage_error("repeats", "an integer >= 1", args.repeats)
     if args.verbose not in (0, 1, 2):
         raise usage_error("verbose", "0, 1 or 2", args.verbose)
+    if args.precision not in PRECISIONS:
+        raise usage_error(
+            "precision", f"one of {list(PRECISIONS)}", repr(args.precision)
+        )
     names = _parse_optimizers(args.optimizers)
     lrs = _parse_lrs(args.lrs) if args.lrs is not None else None
     steps, eval_every, note = schedule(args.task, args.steps, args.eval_every)

@@ -165,13 +165,47 @@ def run(
     verbose=1,
     strategy=None,
     repeat=0,
+    precision="float32",
 ):
     """Trains `optimizer_name` at `learning_rate` on `task`; returns its record.
+
+    `precision` is the Keras dtype policy the model is built under (set for
+    this run only); under `"mixed_float16"` `compile` wraps the optimizer in
+    Keras's LossScaleOptimizer.
 
     The record holds the task-loss curve, step times (median, mean, first),
     optimizer-state bytes and, for Shampoo and SOAP, refresh cost and root
     failures. `repeat` is stored with it (see `report.aggregate`).
     """
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        return _run(
+            task,
+            optimizer_name,
+            learning_rate,
+            options,
+            seed,
+            verbose,
+            strategy,
+            repeat,
+            precision,
+        )
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _run(
+    task,
+    optimizer_name,
+    learning_rate,
+    options,
+    seed,
+    verbose,
+    strategy,
+    repeat,
+    precision,
+):
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     with strategy.scope() if strategy is not None else _no_scope():
         model = task.make_model(seed)
@@ -202,6 +236,7 @@ def run(
         "optimizer": optimizer_name,
         "learning_rate": learning_rate,
         "replicas": replicas,
+        "precision": precision,
         "repeat": repeat,
         "seed": seed,
         "options": dict(options or {}),
@@ -233,6 +268,8 @@ def run(
         result["run_bytes_ratio"] = stats["bytes_total"] / (
             len(times) * stats["float32_bytes_per_step"]
         )
+    if isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer):
+        result["loss_scale"] = float(model.optimizer.dynamic_scale.numpy())
     if isinstance(optimizer, (tfso.Shampoo, tfso.SOAP)):
         refresh = [
             s

@@ -35,7 +35,14 @@ class TaskUnavailable(RuntimeError):
     """The task's data (or TensorFlow Datasets itself) is not on this machine."""
 
 
-OFFLINE_TASKS = ("digits-ae", "pydoc-lm", "digits-cnn", "pydoc-encoder", "pydoc-gpt2")
+OFFLINE_TASKS = (
+    "digits-ae",
+    "pydoc-lm",
+    "digits-cnn",
+    "pydoc-encoder",
+    "digits-mlp",
+    "pydoc-gpt2",
+)
 
 
 def _cnn_and_encoder_tasks():
@@ -369,6 +376,7 @@ TASKS = {
         600,
         50,
     ),
+    "digits-mlp": (lambda **kw: _cnn_and_encoder_tasks().digits_mlp(**kw), 300, 25),
     "pydoc-gpt2": (lambda **kw: _hub_tasks().pydoc_gpt2(**kw), 2000, 100),
     "mnist": (lambda **kw: tfds_classifier("mnist", **kw), 2000, 100),
     "cifar10": (lambda **kw: tfds_classifier("cifar10", **kw), 2000, 100),

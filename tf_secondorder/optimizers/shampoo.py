@@ -67,9 +67,18 @@ class Shampoo(PreconditionedOptimizer):
             steps on each of 3 seeds, against 750–800 at 0.9/0.8, 800–850
             at 0.99 and 850–900 at 0.999 (`beta2`); the roots of older
             statistics describe a curvature the weights have left.
-        epsilon: ridge relative to the largest eigenvalue. Defaults to `1e-6`:
-            an inverse 4th root loses about log2(κ/4) bits (Overton), so in
-            float32 a condition number beyond ~1e6 leaves the root noise.
+        epsilon: ridge relative to the largest eigenvalue. Defaults to
+            `1e-4`. Directions of a statistic below ε·λ_max are not
+            amplified further, and below ~1e-5·λ_max they hold rounding,
+            not curvature: a bfloat16 forward and backward pass (every
+            `mixed_bfloat16` model) rounds each gradient entry by up to
+            2^−9 relative, which puts a floor of ~2^−18 of the statistic's
+            mean eigenvalue under all of them, more after the rounding
+            of the matmuls; an inverse square root would multiply that noise
+            by up to ε^(−1/2). With ε = 1e-4 the amplification stays
+            ≤ 100×, and bfloat16 runs train like float32 ones. An inverse
+            4th root also loses about log2(κ/4) bits (Overton), so the
+            float32 roots of κ ≤ 1e4 are accurate.
         block_size: longest block side. Defaults to `256`: the per-step
             preconditioning costs ~4·b per parameter (b³ per b×b block), a
             refresh ~b³ per block; 256 keeps both below the forward and
@@ -162,7 +171,7 @@ class Shampoo(PreconditionedOptimizer):
         beta1=0.9,
         beta2=0.95,
         shampoo_beta=0.95,
-        epsilon=1e-6,
+        epsilon=1e-4,
         block_size=256,
         precondition_frequency=100,
         start_preconditioning_step=None,

@@ -111,6 +111,7 @@ class SOAP(PreconditionedOptimizer):
         packed_statistics=False,
         root_refresh="auto",
         refresh_delay=None,
+        grafting="adam",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -132,6 +133,7 @@ class SOAP(PreconditionedOptimizer):
             ),
             # ε = 0 would divide 0 by 0 on coordinates no gradient reached.
             "epsilon": validation.number("epsilon", epsilon, 0.0, low_open=True),
+            "grafting": validation.choice("grafting", grafting, ("adam", None)),
         }
         super().__init__(
             learning_rate=learning_rate,
@@ -188,8 +190,21 @@ class SOAP(PreconditionedOptimizer):
         self._second_moments = self.add_optimizer_variables(
             var_list, "rotated_second_moment"
         )
+        # Adam's second moment in the parameter's coordinates, for the
+        # grafted step length; only variables with a basis need it.
+        self._graft_moments = {}
+        if self.grafting is not None:
+            for index, plan in enumerate(self._layout.plans):
+                if plan.factors:
+                    self._graft_moments[index] = self.add_variable_from_reference(
+                        var_list[index], "grafting_second_moment"
+                    )
         self._hyper = kernels.Hyper(
-            self.beta1, self.beta2, self.epsilon, self.first_preconditioned_step
+            self.beta1,
+            self.beta2,
+            self.epsilon,
+            self.first_preconditioned_step,
+            grafting=self.grafting is not None,
         )
 
     def replica_specific_variables(self):
@@ -282,6 +297,9 @@ class SOAP(PreconditionedOptimizer):
             self.assign(
                 momentum, tf.where(first, tf.zeros_like(momentum), read(momentum))
             )
+            if i in self._graft_moments:
+                graft = self._graft_moments[i]
+                self.assign(graft, tf.where(first, tf.zeros_like(graft), read(graft)))
 
     def update_step(self, gradient, variable, learning_rate):
         self.update_all([gradient], [variable], learning_rate)
@@ -298,10 +316,17 @@ class SOAP(PreconditionedOptimizer):
             [read(b) for b in self._bases],
             self.step_number(),
             learning_rate,
+            {
+                i: read(self._graft_moments[i])
+                for i in indices
+                if i in self._graft_moments
+            },
         )
-        for index, (momentum, second_moment, delta) in updates.items():
+        for index, (momentum, second_moment, graft, delta) in updates.items():
             self.assign(self._momentums[index], momentum)
             self.assign(self._second_moments[index], second_moment)
+            if graft is not None:
+                self.assign(self._graft_moments[index], graft)
             self.assign_sub(by_index[index], delta)
 
     def get_config(self):
@@ -312,6 +337,7 @@ class SOAP(PreconditionedOptimizer):
                 "beta2": self.beta2,
                 "shampoo_beta": self.shampoo_beta,
                 "epsilon": self.epsilon,
+                "grafting": self.grafting,
             }
         )
         return config

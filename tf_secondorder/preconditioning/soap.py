@@ -20,6 +20,7 @@ class Hyper:
     beta2: float
     epsilon: float
     start_step: int
+    grafting: bool = False
 
 
 def _group_matrices(layout, number, bases, dtype):
@@ -62,9 +63,12 @@ def refined_basis(statistics, previous):
     return q, order
 
 
-def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
-    """{variable: (new momentum, new rotated second moment, delta)} for the
-    variables in `grads` ({variable: gradient}); the caller subtracts delta.
+def update(
+    layout, hyper, grads, momenta, second_moments, bases, step, lr, graft_moments=None
+):
+    """{variable: (new momentum, new rotated second moment, new grafting
+    second moment or None, delta)} for the variables in `grads` ({variable:
+    gradient}); the caller subtracts delta.
     The momentum lives in the parameter's own coordinates (projected each
     step, so it survives basis changes); the second moment in the basis,
     stored in the parameter's shape block by block. Both start from zero at
@@ -72,8 +76,17 @@ def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
     their bias corrections count the steps since then: a first moment
     carried over from the Adam steps before, divided by a second moment one
     step old, would make steps of any size. `bases` lists every slot's
-    current bases."""
+    current bases.
+
+    With `hyper.grafting`, each block's update is rescaled to the norm of
+    Adam's update for that block (the same first moment over a second
+    moment `graft_moments` kept in the parameter's coordinates): the basis
+    chooses the direction, Adam the step length, so a learning rate tuned
+    for Adam carries over. Without it, an update whitened in the
+    eigenbasis is shorter than Adam's wherever the gradient is concentrated
+    on a few eigenvectors, and SOAP needs a larger learning rate."""
     new_momenta, new_second_moments, directions = {}, {}, {}
+    new_graft_moments = {}
     for variable, grad in grads.items():
         beta1 = tf.constant(hyper.beta1, grad.dtype)
         new_momenta[variable] = beta1 * momenta[variable] + (1.0 - beta1) * grad
@@ -98,6 +111,18 @@ def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
         grad_stacks = stacks(grads)
         momentum_stacks = stacks(new_momenta)
         second_moment_stacks = stacks(second_moments)
+        graft_stacks = {}
+        if hyper.grafting:
+            adam_directions = {}
+            for variable in with_factors:
+                grad = grads[variable]
+                beta2 = tf.constant(hyper.beta2, grad.dtype)
+                v = beta2 * graft_moments[variable] + (1.0 - beta2) * tf.square(grad)
+                new_graft_moments[variable] = v
+                adam_directions[variable] = new_momenta[variable] / (
+                    tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype)
+                )
+            graft_stacks = stacks(adam_directions)
         v_stacks, direction_stacks = {}, {}
         for number, blocks in grad_stacks.items():
             dtype = blocks.dtype
@@ -111,9 +136,14 @@ def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
             normalized = kronecker.contract(momentum_stacks[number], matrices) / (
                 tf.sqrt(v) + tf.constant(hyper.epsilon, dtype)
             )
-            direction_stacks[number] = kronecker.contract(
-                normalized, matrices, back=True
-            )
+            direction = kronecker.contract(normalized, matrices, back=True)
+            if hyper.grafting:
+                # ‖Q x‖ = ‖x‖ per block: the norm is taken in the basis.
+                scale = kronecker.block_norms(graft_stacks[number]) / (
+                    kronecker.block_norms(normalized) + 1e-16
+                )
+                direction = kronecker.per_block(scale, direction)
+            direction_stacks[number] = direction
         new_second_moments.update(
             kronecker.from_stacks(layout, v_stacks, with_factors, shapes)
         )
@@ -135,6 +165,7 @@ def update(layout, hyper, grads, momenta, second_moments, bases, step, lr):
         out[variable] = (
             new_momenta[variable],
             new_second_moments[variable],
+            new_graft_moments.get(variable),
             step_size * direction,
         )
     return out
