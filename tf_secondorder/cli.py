@@ -35,6 +35,17 @@ def bench(args):
         print(f"tf-secondorder bench: {note}", flush=True)
     lrs = lrs if lrs is not None else list(task.lrs)
     check_optimizers(names, lrs, shampoo_options, strategy)
+    if args.batch_schedule is not None:
+        from tf_secondorder.bench import batch_schedules
+
+        if task.make_examples is None:
+            raise UsageError(
+                f"`batch_schedule` needs a task that can batch single examples; "
+                f"received task {task.name!r}"
+            )
+        budget = args.samples or task.steps * task.batch_size
+        batch_schedules.bench(args, task, names, lrs, strategy, budget)
+        return 0
     os.makedirs(args.out, exist_ok=True)
     seeds = [args.seed + repeat for repeat in range(args.repeats)]
     results = []
@@ -266,6 +277,23 @@ def main(argv=None):
         default=1,
         help="train under MirroredStrategy on this many logical CPUs (or GPUs); "
         "the table then shows bytes per replica per step",
+    )
+    b.add_argument(
+        "--batch-schedule",
+        default=None,
+        help="compare batch schedules at equal samples instead of optimizers "
+        "at equal steps: comma-separated, each B (a fixed global batch) or "
+        "growing:B1:RHO[:CAP] (CR-PSGD: batch t holds B1*RHO^t examples, "
+        "capped); prints the final loss against the best fixed batch's and "
+        "the rounds against its rounds, and plots loss against samples and "
+        "rounds. Tasks: digits-ae, digits-mlp, digits-logreg",
+    )
+    b.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="examples per run with --batch-schedule; default: the task's "
+        "steps times its batch size",
     )
     b.add_argument(
         "--precision",

@@ -191,6 +191,12 @@ def check_bench_args(args):
         raise usage_error("repeats", "an integer >= 1", args.repeats)
     if args.verbose not in (0, 1, 2):
         raise usage_error("verbose", "0, 1 or 2", args.verbose)
+    if args.batch_schedule is not None:
+        from tf_secondorder.bench import batch_schedules
+
+        batch_schedules.parse(args.batch_schedule, args.replicas)
+    if args.samples is not None and args.samples < 1:
+        raise usage_error("samples", "an integer >= 1", args.samples)
     if args.precision not in PRECISIONS:
         raise usage_error(
             "precision", f"one of {list(PRECISIONS)}", repr(args.precision)

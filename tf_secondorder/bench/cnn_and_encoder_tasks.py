@@ -190,10 +190,13 @@ def digits_mlp(steps=300, batch_size=128, data_dir=None):
             name="digits_mlp",
         )
 
-    def make_dataset(seed, batch_size=batch_size):
+    def make_examples(seed):
         data = tf.data.Dataset.from_tensor_slices((x, y))
-        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return data.batch(batch_size, drop_remainder=True).repeat().prefetch(2)
+        return data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+    def make_dataset(seed, batch_size=batch_size):
+        data = make_examples(seed).batch(batch_size, drop_remainder=True)
+        return data.repeat().prefetch(2)
 
     def evaluate(model):
         return float(loss_fn(all_y, model(all_x, training=False)))
@@ -205,6 +208,7 @@ def digits_mlp(steps=300, batch_size=128, data_dir=None):
         batch_size=batch_size,
         make_model=make_model,
         make_dataset=make_dataset,
+        make_examples=make_examples,
         evaluate=evaluate,
         loss=loss_fn,
         info={

@@ -29,6 +29,9 @@ class Task:
     loss: str
     lrs: tuple = (3e-4, 1e-3, 3e-3)
     info: dict = dataclasses.field(default_factory=dict)
+    # seed -> shuffled tf.data.Dataset of single (x, y) examples, which
+    # `--batch-schedule` batches; None: the task has no such option.
+    make_examples: callable = None
 
 
 class TaskUnavailable(RuntimeError):
@@ -41,6 +44,7 @@ OFFLINE_TASKS = (
     "digits-cnn",
     "pydoc-encoder",
     "digits-mlp",
+    "digits-logreg",
     "pydoc-gpt2",
 )
 
@@ -50,6 +54,13 @@ def _cnn_and_encoder_tasks():
     from tf_secondorder.bench import cnn_and_encoder_tasks
 
     return cnn_and_encoder_tasks
+
+
+def _logistic_task():
+    # Imported on use: it imports this module.
+    from tf_secondorder.bench import logistic_task
+
+    return logistic_task
 
 
 def _hub_tasks():
@@ -119,13 +130,16 @@ def digits_autoencoder(steps=2000, data_dir=None):
         image = tf.reshape(tf.cast(example["image"], tf.float32), [64]) / 16.0
         return image, image
 
-    def make_dataset(seed, batch_size=128):
+    def make_examples(seed):
         data = tfds.load(
             "sklearn_digits", split="train", data_dir=data_dir, download=False
         )
         data = data.map(to_pair).cache()
-        data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-        return data.batch(batch_size, drop_remainder=True).repeat().prefetch(2)
+        return data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+
+    def make_dataset(seed, batch_size=128):
+        data = make_examples(seed).batch(batch_size, drop_remainder=True)
+        return data.repeat().prefetch(2)
 
     full = tf.constant(x)
 
@@ -139,6 +153,7 @@ def digits_autoencoder(steps=2000, data_dir=None):
         batch_size=128,
         make_model=make_model,
         make_dataset=make_dataset,
+        make_examples=make_examples,
         evaluate=evaluate,
         loss="mse",
         info={
@@ -375,6 +390,11 @@ TASKS = {
         lambda **kw: _cnn_and_encoder_tasks().pydoc_encoder(**kw),
         600,
         50,
+    ),
+    "digits-logreg": (
+        lambda **kw: _logistic_task().digits_logistic(**kw),
+        1400,
+        100,
     ),
     "digits-mlp": (lambda **kw: _cnn_and_encoder_tasks().digits_mlp(**kw), 300, 25),
     "pydoc-gpt2": (lambda **kw: _hub_tasks().pydoc_gpt2(**kw), 2000, 100),
