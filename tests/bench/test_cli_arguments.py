@@ -55,6 +55,10 @@ BAD_BENCH_ARGUMENTS = [
     (["--replicas", "0"], "`replicas` must be an integer >= 1"),
     (["--verbose", "3"], "`verbose` must be 0, 1 or 2"),
     (["--task", "imagenet"], "`task` must be one of"),
+    (["--precision", "float16"], "`precision` must be one of"),
+    (["--batch-schedule", "growing:8:0.9"], "`batch_schedule` must be"),
+    (["--replicas", "2", "--batch-schedule", "33"], "`batch_schedule` must be"),
+    (["--samples", "0"], "`samples` must be an integer >= 1"),
 ]
 
 

@@ -81,3 +81,48 @@ def test_pydoc_encoder_masks_like_bert_and_attends_both_ways(data_dir):
     assert not np.allclose(first, model(changed)[0, 0].numpy())
     # An untrained model predicts about uniformly over 256 bytes.
     assert abs(task.evaluate(model) - np.log(256)) < 0.5
+
+
+def test_digits_mlp_under_mixed_bfloat16_keeps_float32_logits(data_dir, tmp_path):
+    from tf_secondorder import cli
+
+    code = cli.main(
+        [
+            "bench",
+            "--data-dir",
+            data_dir,
+            "--task",
+            "digits-mlp",
+            "--optimizers",
+            "adam,soap",
+            "--lrs",
+            "3e-3",
+            "--steps",
+            "50",
+            "--precision",
+            "mixed_bfloat16",
+            "--verbose",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    import json
+
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["precision"] == "mixed_bfloat16"
+    for run in report["runs"]:
+        assert run["precision"] == "mixed_bfloat16"
+        losses = [loss for _, loss in run["curve"]]
+        assert losses[-1] < 0.5 * losses[0]
+    # The policy was for the run only.
+    assert keras.mixed_precision.global_policy().name == "float32"
+    task = tasks.get_task("digits-mlp", steps=2, data_dir=data_dir)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = task.make_model(0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[0].compute_dtype == "bfloat16"
+    assert model.layers[-1].compute_dtype == "float32"

@@ -178,3 +178,20 @@ def test_bad_train_step_arguments():
         tfso.data.train_in_micro_batches(net, 0)
     with pytest.raises(ValueError, match="dataset"):
         growing_batches([1, 2, 3], schedule)
+
+
+@pytest.mark.parametrize("budget, replicas", [(38400, 2), (10000, 1), (179700, 8)])
+def test_catalyst_takes_the_papers_stages_and_stage_budget(budget, replicas):
+    schedule = tfso.data.GrowingBatchSchedule.catalyst(8, 1.05, budget, replicas)
+    # ⌊√(NT)⌋ stages of ⌊√(T/N)⌋ samples, each rounded down to a multiple of N
+    # (the stage count drops only if the rounding leaves too few samples).
+    stage = max(replicas, int(np.sqrt(budget / replicas)) // replicas * replicas)
+    assert abs(schedule.stages - int(np.sqrt(replicas * budget))) <= 1
+    assert schedule.sample_budget == schedule.stages * stage
+    assert budget - schedule.sample_budget < replicas * schedule.stages + stage
+    sizes = schedule.batch_sizes()
+    assert all(size % replicas == 0 for size in sizes)
+    starts = schedule.stage_starts() + [len(sizes)]
+    for begin, end in zip(starts, starts[1:]):
+        assert sum(sizes[begin:end]) == stage
+        assert sizes[begin] == 8

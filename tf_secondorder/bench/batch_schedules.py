@@ -5,7 +5,10 @@ Each schedule trains on the same sample budget; a fixed batch B takes
 budget / B steps, a growing one (CR-PSGD, `tfso.data.GrowingBatchSchedule`)
 far fewer. Every step is one round of communication, so the comparison is
 the task loss against samples (the work) and against rounds (the
-messages). Schedules are written `B` (fixed) or `growing:B1:RHO[:CAP]`.
+messages). Schedules are written `B` (fixed), `growing:B1:RHO[:CAP]` or
+`catalyst:B1:RHO:THETA[:CAP]` (CR-PSGD-Catalyst: the paper's ⌊√(N·T)⌋
+stages of growing batches, each minimising f + θ/2‖x − y_k‖² around the
+weights y_k at its start).
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ import numpy as np
 
 from tf_secondorder.bench import arguments
 from tf_secondorder.data.growing import GrowingBatchSchedule, growing_batches
+from tf_secondorder.data.train_step import train_in_micro_batches
 
 EVALUATIONS = 20  # points on each curve, evenly spaced in samples
 
@@ -26,27 +30,39 @@ class BatchSchedule:
     batch_size: int  # fixed batch, or B₁ when growing
     growth: float = 1.0  # ρ; 1: fixed
     cap: int = None
+    theta: float = 0.0  # Catalyst's proximal weight; 0: plain CR-PSGD
 
     @property
     def label(self):
         if self.growth == 1.0:
             return f"fixed {self.batch_size}"
         cap = f", cap {self.cap}" if self.cap else ""
+        if self.theta:
+            return (
+                f"catalyst {self.batch_size}x{self.growth:g}^t{cap}, θ {self.theta:g}"
+            )
         return f"growing {self.batch_size}x{self.growth:g}^t{cap}"
 
-    def sizes(self, budget, replicas):
-        """Batch sizes (global) spending `budget` examples, each a multiple
-        of `replicas` so that every replica gets an equal share."""
-        if self.growth == 1.0:
-            return [self.batch_size] * (budget // self.batch_size)
-        schedule = GrowingBatchSchedule(
+    def growing_schedule(self, budget, replicas):
+        """The `tfso.data.GrowingBatchSchedule` of a growing schedule."""
+        if self.theta:
+            return GrowingBatchSchedule.catalyst(
+                self.batch_size, self.growth, budget, replicas, self.cap
+            )
+        return GrowingBatchSchedule(
             self.batch_size,
             self.growth,
             budget,
             max_batch_size=self.cap,
             multiple_of=replicas,
         )
-        sizes = schedule.batch_sizes()
+
+    def sizes(self, budget, replicas):
+        """Batch sizes (global) spending `budget` examples, each a multiple
+        of `replicas` so that every replica gets an equal share."""
+        if self.growth == 1.0:
+            return [self.batch_size] * (budget // self.batch_size)
+        sizes = self.growing_schedule(budget, replicas).batch_sizes()
         # The last batch holds the remainder: drop it if not a multiple.
         if sizes[-1] % replicas:
             sizes = sizes[:-1]
@@ -57,8 +73,9 @@ def parse(text, replicas):
     """`--batch-schedule` text -> [BatchSchedule]; raises UsageError."""
     expected = (
         "comma-separated schedules, each B (a fixed batch) or "
-        "growing:B1:RHO[:CAP] with integers B, B1, CAP >= 1 (multiples of "
-        "--replicas) and RHO > 1, e.g. 32,128,growing:8:1.05:4096"
+        "growing:B1:RHO[:CAP] or catalyst:B1:RHO:THETA[:CAP] with integers "
+        "B, B1, CAP >= 1 (multiples of --replicas), RHO > 1 and THETA > 0, "
+        "e.g. 32,128,growing:8:1.05:4096"
     )
     schedules = []
     for entry in text.split(","):
@@ -69,6 +86,12 @@ def parse(text, replicas):
             elif parts[0] == "growing" and len(parts) in (3, 4):
                 cap = int(parts[3]) if len(parts) == 4 else None
                 schedule = BatchSchedule(int(parts[1]), float(parts[2]), cap)
+            elif parts[0] == "catalyst" and len(parts) in (4, 5):
+                cap = int(parts[4]) if len(parts) == 5 else None
+                theta = float(parts[3])
+                if not (theta > 0 and math.isfinite(theta)):
+                    raise ValueError
+                schedule = BatchSchedule(int(parts[1]), float(parts[2]), cap, theta)
             else:
                 raise ValueError
         except ValueError:
@@ -80,8 +103,7 @@ def parse(text, replicas):
             schedule.batch_size < 1
             or schedule.batch_size % replicas
             or (
-                growing
-                and not (schedule.growth > 1 and math.isfinite(schedule.growth))
+                growing and not (schedule.growth > 1 and math.isfinite(schedule.growth))
             )
             or (schedule.cap is not None and schedule.cap < schedule.batch_size)
         ):
@@ -126,16 +148,12 @@ def run(task, optimizer_name, learning_rate, schedule, budget, seed, strategy):
         data = examples.repeat().batch(schedule.batch_size, drop_remainder=True)
         data = data.take(len(sizes))
     else:
-        data = growing_batches(
-            examples,
-            GrowingBatchSchedule(
-                schedule.batch_size,
-                schedule.growth,
-                budget,
-                max_batch_size=schedule.cap,
-                multiple_of=replicas,
-            ),
-        ).take(len(sizes))
+        growing = schedule.growing_schedule(budget, replicas)
+        data = growing_batches(examples, growing).take(len(sizes))
+        if schedule.theta:
+            train_in_micro_batches(
+                model, catalyst_theta=schedule.theta, schedule=growing
+            )
     recorder = _SampleRecorder(task, sizes)
     start = time.perf_counter()
     model.fit(data, epochs=1, callbacks=[recorder], verbose=0, shuffle=False)

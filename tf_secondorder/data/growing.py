@@ -57,6 +57,41 @@ class GrowingBatchSchedule:
         self.stages = validation.integer("stages", stages, 1, self.sample_budget)
         self.multiple_of = validation.integer("multiple_of", multiple_of, 1)
 
+    @classmethod
+    def catalyst(
+        cls,
+        initial_batch_size,
+        growth_factor,
+        sample_budget,
+        replicas=1,
+        max_batch_size=None,
+    ):
+        """The schedule of CR-PSGD-Catalyst (Yu & Jin 2019, Algorithm 2) with
+        the paper's split of T samples over N replicas: ⌊√(N·T)⌋ stages of
+        ⌊√(T/N)⌋ samples each (rounded down to a multiple of N, so every
+        batch size is one; T loses less than N samples per stage), each a growing
+        schedule from B₁.
+
+        Its rounds, about √(N·T)·log_ρ(√(T/N)(ρ − 1)/B₁), are fewer than a
+        fixed batch B's T/B only for T beyond roughly N·B²·log²; below that
+        choose `stages` yourself.
+        """
+        sample_budget = validation.integer("sample_budget", sample_budget, 1)
+        replicas = validation.integer("replicas", replicas, 1)
+        stages = max(1, math.isqrt(replicas * sample_budget))
+        # Every stage a multiple of N samples, so that every batch is (the
+        # last of a stage holds what is left of it); T rounds down to fit.
+        share = max(replicas, sample_budget // stages // replicas * replicas)
+        stages = min(stages, max(1, sample_budget // share))
+        return cls(
+            initial_batch_size,
+            growth_factor,
+            stages * share,
+            max_batch_size=max_batch_size,
+            stages=stages,
+            multiple_of=replicas,
+        )
+
     def _stage_sizes(self, budget):
         sizes, spent, t = [], 0, 0
         while spent < budget:

@@ -35,6 +35,8 @@ class SOAP(PreconditionedOptimizer):
         m ← β1·m + (1 − β1)·G                 (in the parameter's coordinates)
         v ← β2·v + (1 − β2)·G'²               (in the basis)
         U = (M' / (√v + ε)) ×_1 Q_1 ... ×_k Q_k,   M' = m rotated like G'
+        U ← U · ‖A‖ / ‖U‖   per block, A = m / (√a + ε),
+                            a ← β2·a + (1 − β2)·G²      (grafting="adam")
         θ ← θ − lr·√(1 − β2^t)/(1 − β1^t) · U
 
     Before the first refresh (and for parameters with no preconditioned
@@ -68,6 +70,17 @@ class SOAP(PreconditionedOptimizer):
         distribute_roots: `"auto"`, `True` or `False`, as in Shampoo.
         packed_statistics: store each statistic as its upper triangle, as
             in Shampoo. Defaults to `False`.
+        grafting: `"adam"` or `None`. `"adam"` (the default) gives each
+            block's update the length of Adam's update for that block (same
+            first moment, a second moment `a` kept in the parameter's
+            coordinates: one more parameter-sized slot), so the basis sets
+            the direction and Adam the step length, as grafting does for
+            Shampoo. An update whitened in the eigenbasis is shorter than
+            Adam's wherever the gradient lies on a few eigenvectors (every
+            rotated coordinate moves by about lr, and few carry the
+            gradient), so without grafting SOAP needs a several times larger
+            learning rate than Adam, and a user who swaps Adam(1e-3) for
+            SOAP(1e-3) trains far slower. `None` is the authors' update.
         precondition_1d: whether vectors (biases, normalization scales) get
             a basis. Defaults to `False`, as in the authors' code: they get
             Adam's update.
@@ -91,6 +104,8 @@ class SOAP(PreconditionedOptimizer):
         - Vyas, Morwani, Zhao, Shapira, Brandfonbrener, Janson, Kakade (2024).
           SOAP: Improving and Stabilizing Shampoo using Adam. arXiv:2409.11321.
         - Gupta, Koren, Singer (2018). Shampoo. arXiv:1802.09568.
+        - Agarwal, Anil, Hazan, Koren, Zhang (2020). Disentangling Adaptive
+          Gradient Methods from Learning Rates. arXiv:2002.11803 (grafting).
     """
 
     def __init__(
