@@ -59,14 +59,18 @@ def newton_optimum(x, y, l2=L2, tolerance=1e-12, max_iterations=50):
         grad = features.T @ (p - onehot) / n + l2 * theta
         if np.abs(grad).max() < tolerance:
             break
-        # Hessian of the mean cross-entropy: (1/n) Σ_i (diag(p_i) − p_i p_iᵀ) ⊗ x_i x_iᵀ.
-        hessian = np.einsum("ik,il,ia,ib->akbl", p, -p, features, features) / n
-        diagonal = np.einsum("ik,ia,ib->akb", p, features, features) / n
+        # Hessian of the mean cross-entropy, block (k, l) of classes:
+        # (1/n) Σ_i (p_ik δ_kl − p_ik p_il) x_i x_iᵀ, one matmul per block.
+        hessian = np.empty((CLASSES, d, CLASSES, d))
         for k in range(CLASSES):
-            hessian[:, k, :, k] += diagonal[:, k, :]
-        hessian = hessian.reshape(d * CLASSES, d * CLASSES)
-        hessian += l2 * np.eye(d * CLASSES)
-        step = np.linalg.solve(hessian, grad.reshape(-1)).reshape(d, CLASSES)
+            for m in range(k, CLASSES):
+                weight = -p[:, k] * p[:, m] + (p[:, k] if k == m else 0.0)
+                block = (features * weight[:, None]).T @ features / n
+                hessian[k, :, m, :] = block
+                hessian[m, :, k, :] = block.T
+        hessian = hessian.reshape(CLASSES * d, CLASSES * d)
+        hessian += l2 * np.eye(CLASSES * d)
+        step = np.linalg.solve(hessian, grad.T.reshape(-1)).reshape(CLASSES, d).T
         theta -= step
     weights, bias = theta[:-1], theta[-1]
     return weights, bias, objective(weights, bias, x, y, l2)

@@ -1,5 +1,6 @@
 """Trains one optimizer on one task with model.fit and records loss and timing."""
 
+import contextlib
 import time
 
 import keras
@@ -177,37 +178,9 @@ def run(
     optimizer-state bytes and, for Shampoo and SOAP, refresh cost and root
     failures. `repeat` is stored with it (see `report.aggregate`).
     """
-    previous_policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        return _run(
-            task,
-            optimizer_name,
-            learning_rate,
-            options,
-            seed,
-            verbose,
-            strategy,
-            repeat,
-            precision,
-        )
-    finally:
-        keras.mixed_precision.set_global_policy(previous_policy)
-
-
-def _run(
-    task,
-    optimizer_name,
-    learning_rate,
-    options,
-    seed,
-    verbose,
-    strategy,
-    repeat,
-    precision,
-):
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    with strategy.scope() if strategy is not None else _no_scope():
+    scope = strategy.scope() if strategy is not None else _no_scope()
+    with dtype_policy(precision), scope:
         model = task.make_model(seed)
         optimizer = make_optimizer(
             optimizer_name, learning_rate, options, wrap=replicas > 1
@@ -297,6 +270,18 @@ def _run(
         result["refresh_waits"] = int(optimizer.refresh_waits.numpy())
         result["root_failures"] = int(optimizer.root_failures.numpy())
     return result
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Keras's global dtype policy `name` inside the block, the previous
+    one after: layers keep the policy they were built under."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 class _no_scope:

@@ -63,6 +63,14 @@ def refined_basis(statistics, previous):
     return q, order
 
 
+def _adam(hyper, grad, momentum, second_moment):
+    """Adam's new second moment and direction m / (√v + ε), in the
+    parameter's coordinates (bias corrections are the caller's)."""
+    beta2 = tf.constant(hyper.beta2, grad.dtype)
+    v = beta2 * second_moment + (1.0 - beta2) * tf.square(grad)
+    return v, momentum / (tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype))
+
+
 def update(
     layout, hyper, grads, momenta, second_moments, bases, step, lr, graft_moments=None
 ):
@@ -95,12 +103,8 @@ def update(
         if variable in with_factors:
             continue
         # No basis: Adam.
-        grad = grads[variable]
-        beta2 = tf.constant(hyper.beta2, grad.dtype)
-        v = beta2 * second_moments[variable] + (1.0 - beta2) * tf.square(grad)
-        new_second_moments[variable] = v
-        directions[variable] = new_momenta[variable] / (
-            tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype)
+        new_second_moments[variable], directions[variable] = _adam(
+            hyper, grads[variable], new_momenta[variable], second_moments[variable]
         )
     if with_factors:
         shapes = {v: grads[v].shape for v in with_factors}
@@ -115,12 +119,11 @@ def update(
         if hyper.grafting:
             adam_directions = {}
             for variable in with_factors:
-                grad = grads[variable]
-                beta2 = tf.constant(hyper.beta2, grad.dtype)
-                v = beta2 * graft_moments[variable] + (1.0 - beta2) * tf.square(grad)
-                new_graft_moments[variable] = v
-                adam_directions[variable] = new_momenta[variable] / (
-                    tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype)
+                new_graft_moments[variable], adam_directions[variable] = _adam(
+                    hyper,
+                    grads[variable],
+                    new_momenta[variable],
+                    graft_moments[variable],
                 )
             graft_stacks = stacks(adam_directions)
         v_stacks, direction_stacks = {}, {}
