@@ -60,6 +60,7 @@ def train(strategy, data, steps, args, compression, chief):
         data,
         epochs=args.epochs,
         steps_per_epoch=steps,
+        shuffle=False,  # the dataset shuffles itself
         verbose=2 if chief and args.verbose else 0,
         callbacks=[tfso.callbacks.CommunicationStats()],
     )

@@ -208,6 +208,7 @@ def main(argv=None):
         train,
         steps_per_epoch=args.steps,
         epochs=1,
+        shuffle=False,  # the dataset shuffles itself
         verbose=0,
         callbacks=[tfso.callbacks.CommunicationStats()],
     )

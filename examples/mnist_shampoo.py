@@ -82,7 +82,8 @@ def main(argv=None):
         .repeat()
     )
     steps = args.steps_per_epoch or -(-len(x) // args.batch_size)
-    model.fit(data, epochs=args.epochs, steps_per_epoch=steps, verbose=2)
+    # The dataset shuffles itself; `fit` cannot shuffle a dataset.
+    model.fit(data, epochs=args.epochs, steps_per_epoch=steps, shuffle=False, verbose=2)
     loss, accuracy = model.evaluate(test_x, test_y, verbose=0)
     print(
         f"{name}: test loss {loss:.4f}, test accuracy {accuracy:.4f}, "

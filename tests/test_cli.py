@@ -1,4 +1,4 @@
-"""`tf-secondorder bench` end to end on a short T1 run."""
+"""`tf-secondorder bench` end to end on a short digits-ae run."""
 
 import json
 import os

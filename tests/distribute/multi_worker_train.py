@@ -184,6 +184,7 @@ def train_config(strategy, config, epochs=EPOCHS, callbacks=(), dtype="float32")
     history = model.fit(
         dataset(dtype),
         epochs=epochs,
+        shuffle=False,  # a dataset; `fit` cannot shuffle it
         verbose=2 if strategy is not None else 0,
         callbacks=list(callbacks) + [first],
     )

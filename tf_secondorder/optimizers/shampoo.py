@@ -57,16 +57,13 @@ class Shampoo(PreconditionedOptimizer):
         beta2: decay of the grafting optimizer's second moment, in
             `(0, 1]`. Defaults to `0.95` (SOAP's β2 too): the grafted norm
             ‖U‖ of each block then follows the gradient's recent scale, not
-            its average over ~1000 steps. On the digits autoencoder it
-            reached Adam's loss in 500 steps on each of 3 seeds, against
-            550/500/550 at 0.98, 600 at 0.99 and 700 at 0.999 (Adam's).
+            its average over ~1000 steps, and tracks a loss that falls
+            fast (docs/shampoo.md has the measurements).
         shampoo_beta: β_s, the decay of the statistics, in `(0, 1]`; `None`
             means `beta2`. Defaults to `0.95` (SOAP's default too): with
             statistics every 5 steps the roots see about the last 100
-            steps. On the digits autoencoder it reached Adam's loss in 700
-            steps on each of 3 seeds, against 750–800 at 0.9/0.8, 800–850
-            at 0.99 and 850–900 at 0.999 (`beta2`); the roots of older
-            statistics describe a curvature the weights have left.
+            steps: the roots of older statistics describe a curvature the
+            weights have left, and shorter memories make them noisy.
         epsilon: ridge relative to the largest eigenvalue. Defaults to
             `1e-4`. Directions of a statistic below ε·λ_max are not
             amplified further, and below ~1e-5·λ_max they hold rounding,
@@ -91,8 +88,9 @@ class Shampoo(PreconditionedOptimizer):
             every step). Their cost is ~2(m+n)/(3·tokens)
             of a step's forward+backward, large at small batches; the EMA
             horizon becomes statistics_frequency/(1 − β_s) steps. Defaults to
-            `5`: measured on the digits autoencoder, the same steps to
-            Adam's loss as every step, at a fifth of the cost.
+            `5`: statistics change slowly next to the roots' refresh period,
+            so every fifth gradient describes them as well, at a fifth of
+            the cost.
         grafting: `"sgd"`, `"adagrad"`, `"rmsprop"`, `"adam"` or `None`.
         grafting_epsilon: ε_g of the grafting optimizer. Defaults to `1e-8`.
         nesterov: Nesterov momentum. Defaults to `False`.
@@ -100,9 +98,8 @@ class Shampoo(PreconditionedOptimizer):
             original Shampoo's p = 2k (k: the block's preconditioned axes).
             Defaults to `2`: each axis's statistic to the power −1/2, so
             that P_1 ⊗ ... ⊗ P_k approximates full-matrix AdaGrad's
-            (E[g gᵀ])^(−1/2) (Morwani et al. 2024; grafting sets the scale).
-            On the digits autoencoder it reached Adam's loss in a median of
-            900 steps against 1050 with p = 2k (3 seeds).
+            (E[g gᵀ])^(−1/2) (Morwani et al. 2024; grafting sets the scale),
+            a stronger correction than p = 2k's.
         max_preconditioned_dim: dimensions longer than this (after merging)
             are not preconditioned, e.g. a vocabulary. `None`: no limit.
         root_method: `"eigh"`, `"coupled_newton"` or `"auto"` (coupled Newton
@@ -122,9 +119,9 @@ class Shampoo(PreconditionedOptimizer):
         precondition_1d: whether vectors (at most one dimension longer than
             1: biases, normalization scales) get full-matrix statistics.
             Defaults to `False`: they get the grafting update alone, as in
-            the SOAP authors' code. On the digits autoencoder the biases'
-            matrices were 2.1 of Shampoo's 9.2 weights' worth of state and a
-            third of its first step's tracing, for no fewer steps.
+            the SOAP authors' code: a vector's n×n matrix costs n times its
+            size in state and a root of its own, and a bias gains little
+            from coupling its entries.
         distribute_roots: `"auto"`, `True` or `False`. With more than one
             replica under MirroredStrategy or MultiWorkerMirroredStrategy
             (`"auto"` or `True`), the stacked factors are cut into row ranges
