@@ -7,6 +7,26 @@ import numpy as np
 import tensorflow as tf
 
 
+def run_cli_in_subprocess(args, timeout=300):
+    """`python -m tf_secondorder.cli ARGS` in a fresh process (so that it
+    sets up its own logical devices), from the repository root; returns the
+    CompletedProcess after asserting a zero exit code."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "tf_secondorder.cli", *args],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 def regression_data(n=128, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 8)).astype("float32")

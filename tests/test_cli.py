@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import run_cli_in_subprocess
 from tf_secondorder import cli
 from tf_secondorder.bench.arguments import UsageError
 
@@ -133,14 +134,8 @@ def test_tfds_task_without_data_says_what_to_do(tmp_path, capsys, monkeypatch, m
 
 
 def test_bench_with_replicas_reports_bytes(tmp_path, data_dir):
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
+    result = run_cli_in_subprocess(
         [
-            sys.executable,
-            "-m",
-            "tf_secondorder.cli",
             "bench",
             "--data-dir",
             data_dir,
@@ -156,14 +151,8 @@ def test_bench_with_replicas_reports_bytes(tmp_path, data_dir):
             "0",
             "--out",
             str(tmp_path),
-        ],
-        cwd=root,
-        env=dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     assert "bytes/step" in result.stdout
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     plain, sign = runs

@@ -2,14 +2,12 @@
 `--batch-schedule` comparison, in one process and under 2 replicas."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import tf_secondorder as tfso
+from tests.helpers import run_cli_in_subprocess
 from tf_secondorder import cli
 from tf_secondorder.bench import batch_schedules, logistic_task
 from tf_secondorder.bench.arguments import UsageError
@@ -148,12 +146,8 @@ def test_growing_reaches_the_fixed_batch_in_fewer_rounds(tmp_path, data_dir, cap
 
 
 def test_schedules_under_two_replicas(tmp_path, data_dir):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run(
+    run_cli_in_subprocess(
         [
-            sys.executable,
-            "-m",
-            "tf_secondorder.cli",
             "bench",
             "--data-dir",
             data_dir,
@@ -171,14 +165,8 @@ def test_schedules_under_two_replicas(tmp_path, data_dir):
             "6000",
             "--out",
             str(tmp_path),
-        ],
-        cwd=root,
-        env=dict(os.environ, PYTHONPATH=root, TF_CPP_MIN_LOG_LEVEL="2"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert all(r["replicas"] == 2 for r in runs)
     assert runs[1]["rounds"] < runs[0]["rounds"]

@@ -65,17 +65,12 @@ class Shampoo(PreconditionedOptimizer):
             steps: the roots of older statistics describe a curvature the
             weights have left, and shorter memories make them noisy.
         epsilon: ridge relative to the largest eigenvalue. Defaults to
-            `1e-4`. Directions of a statistic below ε·λ_max are not
-            amplified further, and below ~1e-5·λ_max they hold rounding,
-            not curvature: a bfloat16 forward and backward pass (every
-            `mixed_bfloat16` model) rounds each gradient entry by up to
-            2^−9 relative, which puts a floor of ~2^−18 of the statistic's
-            mean eigenvalue under all of them, more after the rounding
-            of the matmuls; an inverse square root would multiply that noise
-            by up to ε^(−1/2). With ε = 1e-4 the amplification stays
-            ≤ 100×, and bfloat16 runs train like float32 ones. An inverse
-            4th root also loses about log2(κ/4) bits (Overton), so the
-            float32 roots of κ ≤ 1e4 are accurate.
+            `1e-4`: a bfloat16 forward and backward pass (`mixed_bfloat16`)
+            rounds each gradient entry by up to 2^−9 relative, a floor of
+            noise under the statistics' small eigenvalues (~2^−18 of their
+            mean, more after the matmuls' rounding) that an inverse square
+            root would multiply by up to ε^(−1/2); 1e-4 caps that at 100×,
+            and keeps float32 roots (κ ≤ 1e4) accurate.
         block_size: longest block side. Defaults to `256`: the per-step
             preconditioning costs ~4·b per parameter (b³ per b×b block), a
             refresh ~b³ per block; 256 keeps both below the forward and
