@@ -14,7 +14,6 @@ from tf_secondorder import (  # noqa: E402
 )
 from tf_secondorder.distribute.config import CommunicationConfig  # noqa: E402
 from tf_secondorder.distribute.saddle import SaddleEscape  # noqa: E402
-from tf_secondorder.distribute.wrapping import distributed, distributed_class  # noqa: E402
 from tf_secondorder.optimizers import (  # noqa: E402
     SOAP,
     CompAMS,
@@ -22,6 +21,7 @@ from tf_secondorder.optimizers import (  # noqa: E402
     Shampoo,
     SignSGD,
 )
+from tf_secondorder.optimizers.distributed import distributed, distributed_class  # noqa: E402
 
 __all__ = [
     "CommunicationConfig",

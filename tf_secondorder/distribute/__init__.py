@@ -7,7 +7,6 @@
 - `error_feedback`: the memory wrapped around any protocol;
 - `local_sgd`, `saddle`: pieces of the cross-replica step;
 - `sharding`: splitting independent work (roots) across replicas;
-- `wrapping`: `tfso.distributed` for any Keras optimizer;
 - `launch`: worker processes on 127.0.0.1 for MultiWorkerMirroredStrategy;
 - `cluster`: `multi_worker_strategy`, one that survives slow networks.
 

@@ -20,6 +20,7 @@ optimizer's own update of all variables; by default Keras's loop calling
 import keras
 import tensorflow as tf
 
+from tf_secondorder.callbacks.sync import automatic_callbacks
 from tf_secondorder.compat import keras_patches, replica_state, trainer
 from tf_secondorder.compat.optimizer_step import KerasStepHooks
 from tf_secondorder.distribute.communicator import Communicator
@@ -40,8 +41,6 @@ class CommunicatingOptimizer(KerasStepHooks):
         keras_patches.prepare_for_strategy(self._distribution_strategy)
         # fit/evaluate/predict get the counters in their logs (and the
         # replicas' sync under local SGD).
-        from tf_secondorder.callbacks.sync import automatic_callbacks
-
         keras_patches.install_callback_injection(automatic_callbacks)
 
     def build(self, var_list):
