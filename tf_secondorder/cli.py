@@ -17,6 +17,17 @@ from tf_secondorder.bench.arguments import (
 
 def bench(args):
     names, lrs, steps, eval_every, note, shampoo_options = check_bench_args(args)
+    if args.average_from is not None:
+        if args.batch_schedule is not None:
+            raise usage_error(
+                "average_from", "given without `batch_schedule`", args.average_from
+            )
+        if not 0 <= args.average_from < steps:
+            raise usage_error(
+                "average_from",
+                f"a step in [0, {steps}) (the run's steps)",
+                args.average_from,
+            )
 
     import keras
     import tensorflow as tf
@@ -72,6 +83,7 @@ def bench(args):
                         strategy=strategy,
                         repeat=repeat,
                         precision=args.precision,
+                        average_from=args.average_from,
                     )
                 )
     summaries = [
@@ -300,6 +312,15 @@ def main(argv=None):
         default="float32",
         help="Keras dtype policy of the models: float32, mixed_bfloat16 or "
         "mixed_float16 (Keras wraps the optimizer in a LossScaleOptimizer)",
+    )
+    b.add_argument(
+        "--average-from",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="also keep the mean of the iterates from this step on "
+        "(tfso.callbacks.IterateAveraging) and score it at every evaluation: "
+        "the table's `averaged` column is its final loss",
     )
     b.add_argument(
         "--shampoo-option",

@@ -53,6 +53,7 @@ def summarize(task, results, baseline="adam"):
 # A run that never reaches the target counts as infinitely slow there.
 AGGREGATED = (
     "final_loss",
+    "averaged_final_loss",
     "steps_to_target",
     "steps_ratio",
     "step_time_ratio",
@@ -138,11 +139,13 @@ def format_table(summary, results, configurations=None):
         return _format_repeats(summary, configurations, repeats)
     width = max([11] + [len(r["optimizer"]) for r in results])
     with_bytes = any("bytes_per_step" in r for r in results)
+    with_average = any("averaged_final_loss" in r for r in results)
     lines = [
         head,
         f"{'optimizer':<{width}} lr       final     steps->tgt  steps x  step-time x  "
         "(amortised)  time->tgt x  refresh x  first-step x  state/weights"
-        + ("  bytes/step  run bytes x" if with_bytes else ""),
+        + ("  bytes/step  run bytes x" if with_bytes else "")
+        + ("  averaged" if with_average else ""),
     ]
     for r in results:
         lines.append(
@@ -157,6 +160,11 @@ def format_table(summary, results, configurations=None):
                 f"  {_fmt(r.get('bytes_per_step'), 'd'):>10}"
                 f"  {_fmt(r.get('run_bytes_ratio'), '.4f'):>11}"
                 if with_bytes
+                else ""
+            )
+            + (
+                f"  {_fmt(r.get('averaged_final_loss'), '.5f'):>8}"
+                if with_average
                 else ""
             )
         )
@@ -178,6 +186,8 @@ def _format_repeats(summary, configurations, repeats):
     if any("bytes_per_step" in c for c in configurations):
         columns.append(("bytes/step", "bytes_per_step", ".0f"))
         columns.append(("run bytes x", "run_bytes_ratio", ".4f"))
+    if any("averaged_final_loss" in c for c in configurations):
+        columns.append(("averaged", "averaged_final_loss", ".5f"))
 
     def cell(stats, spec):
         if stats is None:

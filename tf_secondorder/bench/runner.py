@@ -100,9 +100,14 @@ def make_optimizer(name, learning_rate, options=None, wrap=False):
 class _Recorder(keras.callbacks.Callback):
     """Per-step wall times (training only) and the task loss every eval_every steps."""
 
-    def __init__(self, task):
+    def __init__(self, task, averaging=None):
         super().__init__()
         self.task = task
+        # With an IterateAveraging callback each evaluation also scores the
+        # mean of the iterates (the same run, so the two curves differ only
+        # by the averaging).
+        self.averaging = averaging
+        self.averaged_curve = []
         self.step_times = []
         self.curve = []
         self.train_seconds = 0.0
@@ -120,6 +125,9 @@ class _Recorder(keras.callbacks.Callback):
         step = len(self.step_times)
         if step % self.task.eval_every == 0:
             self.curve.append([step, self._evaluate(), self.train_seconds])
+            if self.averaging is not None:
+                with self.averaging.applied():
+                    self.averaged_curve.append([step, self._evaluate()])
         self._last = time.perf_counter()
 
     def _evaluate(self):
@@ -167,8 +175,13 @@ def run(
     strategy=None,
     repeat=0,
     precision="float32",
+    average_from=None,
 ):
     """Trains `optimizer_name` at `learning_rate` on `task`; returns its record.
+
+    With `average_from` (a step) the run also keeps the mean of the iterates
+    from that step (`tfso.callbacks.IterateAveraging`) and scores it at every
+    evaluation: the record's "averaged_curve" and "averaged_final_loss".
 
     `precision` is the Keras dtype policy the model is built under (set for
     this run only); under `"mixed_float16"` `compile` wraps the optimizer in
@@ -190,14 +203,21 @@ def run(
         # trace it twice; building first (for every optimizer alike) avoids it.
         optimizer.build(model.trainable_variables)
         model.compile(optimizer=optimizer, loss=task.loss)
-    recorder = _Recorder(task)
+    averaging = (
+        None
+        if average_from is None
+        else tfso.callbacks.IterateAveraging(
+            start_step=average_from, evaluate_with_average=False, apply_at_end=False
+        )
+    )
+    recorder = _Recorder(task, averaging)
     # One epoch: an epoch's end averages local-SGD replicas (SyncReplicas),
     # which would add rounds to the run that its schedule does not have.
     model.fit(
         task.make_dataset(seed),
         steps_per_epoch=task.eval_every * (task.steps // task.eval_every),
         epochs=1,
-        callbacks=[recorder],
+        callbacks=[recorder] if averaging is None else [averaging, recorder],
         verbose=verbose,
         shuffle=False,  # the dataset shuffles itself
     )
@@ -229,6 +249,10 @@ def run(
         "weight_bytes": weight_bytes,
         "state_memory_ratio": state_bytes / weight_bytes if weight_bytes else None,
     }
+    if averaging is not None:
+        result["average_from"] = average_from
+        result["averaged_curve"] = recorder.averaged_curve
+        result["averaged_final_loss"] = recorder.averaged_curve[-1][1]
     if hasattr(optimizer, "communication_stats") and replicas > 1:
         stats = optimizer.communication_stats()
         # The last step's bytes, and every byte of the run (warm-ups,
