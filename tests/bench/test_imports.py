@@ -138,3 +138,21 @@ def test_task_modules_defer_only_optional_dependencies():
         if target not in OPTIONAL_IMPORTS
     }
     assert deferred == set()
+
+
+def test_no_module_imports_a_task_module():
+    """Task modules are leaves: removing one breaks no other module."""
+    graph, _ = import_graph()
+    modules = bench_modules()
+    registering = {
+        name
+        for name, path in modules.items()
+        if name.startswith(f"{TASKS}.") and "@register(" in open(path).read()
+    }
+    assert f"{TASKS}.digits_ae" in registering
+    importers = {
+        (name, target)
+        for name, targets in graph.items()
+        for target in targets & registering
+    }
+    assert importers == set()
