@@ -22,7 +22,8 @@ import pytest
 import tf_secondorder as tfso
 from tests.test_examples import run_example
 from tf_secondorder import cli
-from tf_secondorder.bench import hub_tasks, tasks
+from tf_secondorder.bench import tasks
+from tf_secondorder.bench.tasks import pydoc_language_models
 
 STEPS = 6
 CONTEXT = 64
@@ -38,7 +39,7 @@ def keras_hub():
 def task(keras_hub, tmp_path_factory):
     pytest.importorskip("tensorflow_datasets")
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    return hub_tasks.pydoc_gpt2(
+    return pydoc_language_models.pydoc_gpt2(
         steps=STEPS, context=CONTEXT, batch_size=8, eval_windows=32, data_dir=data_dir
     )
 
@@ -190,7 +191,7 @@ def test_max_preconditioned_dim_leaves_a_large_vocabulary_out(keras_hub):
     """A 1024-row embedding with max_preconditioned_dim=512: its 4 row
     blocks keep only their hidden-axis (128) statistic; every other axis of
     the model, the 3-D kernels' included, is preconditioned."""
-    model = hub_tasks.gpt2_language_model(context=32, vocabulary_size=1024)
+    model = pydoc_language_models.gpt2_language_model(context=32, vocabulary_size=1024)
     optimizer = tfso.Shampoo(max_preconditioned_dim=512)
     optimizer.build(model.trainable_variables)
     embedding = _statistics(optimizer, _token_embedding(model))

@@ -31,7 +31,7 @@ def child(args):
     import keras
 
     import tf_secondorder as tfso
-    from tf_secondorder.bench.tasks import digits_autoencoder
+    from tf_secondorder.bench.tasks.digits_ae import digits_autoencoder
 
     strategy = tf.distribute.MirroredStrategy(
         [d.name for d in tf.config.list_logical_devices("CPU")]

@@ -9,7 +9,7 @@ separate virtual environment:
     nice -n 10 /work/peer-venv/bin/python tools/peer_bench.py \
         --repeats 3 --out peer_results.json
 
-The task copies `tf_secondorder.bench.tasks.digits_autoencoder`: X =
+The task copies `tf_secondorder.bench.tasks.digits_ae.digits_autoencoder`: X =
 load_digits().data / 16 as float32 (1797 x 64); Dense 64-512-256-128-16-128-
 256-512-64, tanh hidden layers, a linear 16-unit code, a sigmoid output;
 glorot_uniform weights and zero biases (Keras defaults); MSE loss; batch 128

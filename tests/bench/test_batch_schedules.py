@@ -9,14 +9,15 @@ import pytest
 import tf_secondorder as tfso
 from tests.helpers import run_cli_in_subprocess
 from tf_secondorder import cli
-from tf_secondorder.bench import batch_schedules, logistic_task
+from tf_secondorder.bench import batch_schedules
 from tf_secondorder.bench.arguments import UsageError
+from tf_secondorder.bench.tasks import digits_logreg
 
 
 @pytest.fixture(scope="module")
 def problem(data_dir):
-    x, y = logistic_task.noisy_digits(data_dir)
-    return x, y, logistic_task.newton_optimum(x, y)
+    x, y = digits_logreg.noisy_digits(data_dir)
+    return x, y, digits_logreg.newton_optimum(x, y)
 
 
 def _numeric_gradient(x, y, weights, bias, h=1e-5):
@@ -29,7 +30,7 @@ def _numeric_gradient(x, y, weights, bias, h=1e-5):
         plus, minus = weights.copy(), weights.copy()
         plus[i, k] += h
         minus[i, k] -= h
-        f = logistic_task.objective
+        f = digits_logreg.objective
         out.append((f(plus, bias, x, y) - f(minus, bias, x, y)) / (2 * h))
     return np.array(out)
 
@@ -38,10 +39,10 @@ def test_labels_are_noisy_but_fixed(data_dir):
     from tf_secondorder.bench.tasks import digits_images
 
     _, clean = digits_images(data_dir)
-    _, noisy = logistic_task.noisy_digits(data_dir)
+    _, noisy = digits_logreg.noisy_digits(data_dir)
     flipped = np.mean(noisy != clean)
     assert 0.17 < flipped < 0.23  # 20% of 1797 drawn: ±3 standard deviations
-    np.testing.assert_array_equal(noisy, logistic_task.noisy_digits(data_dir)[1])
+    np.testing.assert_array_equal(noisy, digits_logreg.noisy_digits(data_dir)[1])
 
 
 def test_newton_optimum_is_the_minimum(problem):
@@ -54,8 +55,8 @@ def test_newton_optimum_is_the_minimum(problem):
     for _ in range(5):
         dw, db = rng.normal(size=weights.shape), rng.normal(size=bias.shape)
         dw, db = 1e-2 * dw, 1e-2 * db
-        gap = logistic_task.objective(weights + dw, bias + db, x, y) - optimum
-        assert gap >= 0.5 * logistic_task.L2 * (np.sum(dw**2) + np.sum(db**2)) * 0.999
+        gap = digits_logreg.objective(weights + dw, bias + db, x, y) - optimum
+        assert gap >= 0.5 * digits_logreg.L2 * (np.sum(dw**2) + np.sum(db**2)) * 0.999
     # Plain full-batch gradient descent (another method) ends above f*, near it.
     theta = np.zeros((65, 10))
     features = np.concatenate([x, np.ones((len(x), 1))], axis=1).astype(np.float64)
@@ -64,8 +65,8 @@ def test_newton_optimum_is_the_minimum(problem):
         logits = features @ theta
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
-        theta -= 2.0 * (features.T @ (p - onehot) / len(x) + logistic_task.L2 * theta)
-    descent = logistic_task.objective(theta[:-1], theta[-1], x, y)
+        theta -= 2.0 * (features.T @ (p - onehot) / len(x) + digits_logreg.L2 * theta)
+    descent = digits_logreg.objective(theta[:-1], theta[-1], x, y)
     assert optimum <= descent < optimum + 0.05
 
 

@@ -7,11 +7,8 @@ import pytest
 pytest.importorskip("tensorflow_datasets")
 
 import tf_secondorder as tfso  # noqa: E402
-from tf_secondorder.bench import (  # noqa: E402
-    cnn_and_encoder_tasks,
-    runner,
-    tasks,
-)
+from tf_secondorder.bench import runner, tasks  # noqa: E402
+from tf_secondorder.bench.tasks import pydoc_encoder  # noqa: E402
 
 
 def _shifts(image):
@@ -70,9 +67,9 @@ def test_pydoc_encoder_masks_like_bert_and_attends_both_ways(data_dir):
     # 4096 positions: the chosen share is 0.15 within ~4 standard deviations.
     assert abs(chosen.mean() - 0.15) < 0.025
     np.testing.assert_array_equal(inputs[~chosen], targets[~chosen])
-    masked = inputs[chosen] == cnn_and_encoder_tasks.MASK_TOKEN
+    masked = inputs[chosen] == pydoc_encoder.MASK_TOKEN
     assert abs(masked.mean() - 0.8) < 0.07
-    assert targets.max() < 256 and inputs.max() <= cnn_and_encoder_tasks.MASK_TOKEN
+    assert targets.max() < 256 and inputs.max() <= pydoc_encoder.MASK_TOKEN
 
     model = task.make_model(0)
     changed = inputs[:1].copy()

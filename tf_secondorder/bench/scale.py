@@ -52,6 +52,7 @@ def _model_and_batches(name, steps, seed=0):
     import tensorflow as tf
 
     from tf_secondorder.bench import tasks
+    from tf_secondorder.bench.tasks.models import byte_transformer
 
     kind, options = MODELS[name]
     keras.utils.set_random_seed(seed)
@@ -69,7 +70,7 @@ def _model_and_batches(name, steps, seed=0):
             x = rng.normal(size=(256, width)).astype("float32")
             pool.append((x, np.tanh(x @ target)))
         return model, pool, "mse"
-    model = tasks.byte_transformer(seed=seed, **options)
+    model = byte_transformer(seed=seed, **options)
     data = iter(tasks.get_task("pydoc-lm").make_dataset(seed))
     pool = [tuple(t.numpy() for t in next(data)) for _ in range(min(steps, 16))]
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

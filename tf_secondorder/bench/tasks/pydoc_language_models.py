@@ -1,12 +1,79 @@
-"""The bench task built on keras-hub (`pydoc-gpt2`), apart from the others
-because keras-hub needs its own install (see `HUB_INSTALL`)."""
+"""`pydoc-lm` and `pydoc-gpt2`: byte-level language models on CPython's
+pydoc text, on the same windows and held-out loss, so their results compare.
+
+`pydoc-lm` is the package's own Transformer (`models.byte_transformer`);
+`pydoc-gpt2` is keras-hub's GPT-2 of the same shape. keras-hub needs its own
+install (see `HUB_INSTALL`), so it is imported only when `pydoc-gpt2` is
+built, where a missing install becomes a TaskUnavailable saying what to do.
+"""
 
 import dataclasses
+import hashlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.bench.tasks import TaskUnavailable, pydoc_language_model
+from tf_secondorder.bench.tasks.data import pydoc_splits
+from tf_secondorder.bench.tasks.models import byte_transformer
+from tf_secondorder.bench.tasks.registry import Task, TaskUnavailable, register
+
+
+@register(
+    "pydoc-lm",
+    steps=2000,
+    eval_every=100,
+    description="a byte-level Transformer language model on CPython's pydoc "
+    "text; held-out loss",
+)
+def pydoc_language_model(
+    steps=2000, context=128, batch_size=32, eval_windows=256, data_dir=None
+):
+    """`pydoc-lm`: byte-level Transformer LM on pydoc_data.topics; last 10% held out."""
+    train, held_out = pydoc_splits(data_dir)
+    data = np.concatenate([train, held_out])
+    sha256 = hashlib.sha256(data.tobytes()).hexdigest()
+
+    def make_dataset(seed, batch_size=batch_size):
+        starts = tf.data.Dataset.random(seed=seed).map(
+            lambda r: tf.math.floormod(r, len(train) - context - 1)
+        )
+        corpus = tf.constant(train.astype("int32"))
+
+        def window(start):
+            chunk = corpus[start : start + context + 1]
+            return chunk[:-1], chunk[1:]
+
+        return starts.map(window).batch(batch_size, drop_remainder=True).prefetch(2)
+
+    rng = np.random.default_rng(1234)
+    starts = rng.integers(0, len(held_out) - context - 1, size=eval_windows)
+    windows = np.stack([held_out[s : s + context + 1] for s in starts]).astype("int32")
+    eval_x, eval_y = tf.constant(windows[:, :-1]), windows[:, 1:]
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def evaluate(model):
+        logits = model.predict(eval_x, batch_size=64, verbose=0)
+        return float(loss_fn(eval_y, logits))
+
+    return Task(
+        name="pydoc-lm",
+        steps=steps,
+        eval_every=100,
+        batch_size=batch_size,
+        make_model=lambda seed: byte_transformer(context=context, seed=seed),
+        make_dataset=make_dataset,
+        evaluate=evaluate,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        info={
+            "corpus_sha256": sha256,
+            "corpus_bytes": int(len(data)),
+            "metric": "held-out loss (nats/byte)",
+            "source": "TFDS pydoc_topics (built locally)",
+            "tokens_per_step": batch_size * context,
+        },
+    )
+
 
 # keras-hub requires tensorflow-text, which requires the full `tensorflow`
 # build: with the `cpu` extra's tensorflow-cpu, pip would install a second
@@ -17,7 +84,7 @@ HUB_INSTALL = 'pip install -e ".[gpu,bench,hub]"'
 def keras_hub_module():
     """keras_hub, or TaskUnavailable saying how to install it."""
     try:
-        import keras_hub
+        import keras_hub  # optional: the `hub` extra, in its own environment
     except ImportError as e:
         raise TaskUnavailable(
             "task 'pydoc-gpt2' needs keras-hub, whose tensorflow-text requires "
@@ -68,6 +135,13 @@ def gpt2_language_model(
     return keras.Model(tokens, logits, name="pydoc_gpt2")
 
 
+@register(
+    "pydoc-gpt2",
+    steps=2000,
+    eval_every=100,
+    description="keras-hub's GPT-2 (from a config) on pydoc-lm's text and "
+    f"windows; needs `{HUB_INSTALL}` in its own environment",
+)
 def pydoc_gpt2(steps=2000, context=128, batch_size=32, eval_windows=256, data_dir=None):
     """`pydoc-gpt2`: keras-hub's GPT-2 (`gpt2_language_model`) on pydoc-lm's data.
 

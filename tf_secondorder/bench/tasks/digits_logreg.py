@@ -19,7 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.bench import tasks
+from tf_secondorder.bench.tasks.data import digits_images
+from tf_secondorder.bench.tasks.registry import Task, register
 
 NOISE = 0.2
 L2 = 1e-3  # λ
@@ -29,7 +30,7 @@ CLASSES = 10
 def noisy_digits(data_dir=None):
     """(images [1797, 64] float32, labels int32) with a fixed 20% of the
     labels moved to another class, uniformly."""
-    x, y = tasks.digits_images(data_dir)
+    x, y = digits_images(data_dir)
     rng = np.random.default_rng(2019)
     flipped = rng.random(len(y)) < NOISE
     shift = rng.integers(1, CLASSES, size=len(y))
@@ -82,6 +83,13 @@ def _optimum(data_dir):
     return newton_optimum(x, y)
 
 
+@register(
+    "digits-logreg",
+    steps=1400,
+    eval_every=100,
+    description="regularised softmax regression on the digits with noisy "
+    "labels (strongly convex); f - f*",
+)
 def digits_logistic(steps=1400, batch_size=128, data_dir=None):
     """`digits-logreg`: f − f* of regularised softmax regression (see module)."""
     x, y = noisy_digits(data_dir)
@@ -118,7 +126,7 @@ def digits_logistic(steps=1400, batch_size=128, data_dir=None):
         kernel, bias = (w.numpy() for w in model.layers[-1].weights)
         return float(objective(kernel, bias, x, y) - optimum)
 
-    return tasks.Task(
+    return Task(
         name="digits-logreg",
         steps=steps,
         eval_every=100,
