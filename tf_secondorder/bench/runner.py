@@ -8,11 +8,11 @@ import numpy as np
 
 import tf_secondorder as tfso
 from tf_secondorder import validation
-from tf_secondorder.compat import replica_state
+from tf_secondorder.compat import replica_state, trainer
 
 # Every optimizer runs with its library defaults: what a user's
 # `tfso.Shampoo(learning_rate=...)` does. Options for one run come from the
-# command line (`--shampoo-option`) and are recorded with it.
+# command line (`--option`, see bench/options.py) and are recorded with it.
 KERAS_OPTIMIZERS = {
     "adam": lambda lr, **o: keras.optimizers.Adam(lr, **o),
     "adamw": lambda lr, **o: keras.optimizers.AdamW(lr, **o),
@@ -21,30 +21,92 @@ KERAS_OPTIMIZERS = {
     "muon": lambda lr, **o: keras.optimizers.Muon(lr, **o),
 }
 
+# Keys of `--option diloco:KEY=VALUE` and `--option localsgd:KEY=VALUE` that
+# are the bench's own rather than the inner optimizer's or the communication
+# options, with what they set.
+BENCH_KEYS = {
+    "diloco": {
+        "outer_learning_rate": "the outer Nesterov SGD's learning rate (0.8)",
+        "outer_momentum": "its momentum (0.3; 0: plain SGD)",
+        "average_optimizer_state": "false: average the weights only (true)",
+    },
+    "localsgd": {
+        "average_optimizer_state": "false: average the weights only (true)",
+    },
+}
 
-def _diloco(lr, compression=None, **options):
+
+def _communication_split(options):
+    """(the inner optimizer's options, the communication options)."""
+    from tf_secondorder.bench.options import communication_keys
+
+    keys = communication_keys()
+    inner = {k: v for k, v in options.items() if k not in keys}
+    return inner, {k: v for k, v in options.items() if k in keys}
+
+
+def _merge(name, communication, given):
+    """`communication` (from "+CODEC") and `given` (options), disjoint."""
+    twice = sorted(set(communication) & set(given))
+    if twice:
+        raise TypeError(
+            f"{name}: {twice[0]!r} is set both by the name's '+' and by an option"
+        )
+    return {**communication, **given}
+
+
+def _averaged(optimizer, average_optimizer_state):
+    """`optimizer`, averaging the weights only when `average_optimizer_state`
+    is false (local SGD's measured alternative)."""
+    if not validation.boolean("average_optimizer_state", average_optimizer_state):
+        optimizer.averaged_variables = lambda: list(
+            trainer.optimizer_trainable_variables(optimizer)
+        )
+    return optimizer
+
+
+def _diloco(
+    lr,
+    compression=None,
+    outer_learning_rate=0.8,
+    outer_momentum=0.3,
+    average_optimizer_state=True,
+    **options,
+):
     """DiLoCo: AdamW inside, 32 local steps, an outer Nesterov SGD with lr
     0.8 and momentum 0.3; "+CODEC" compresses the pseudo-gradients. With
     one replica it is AdamW. The paper's outer step (lr 0.7, momentum 0.9)
     overshot at 32 local steps on 2 replicas: 1.39x synchronous Adam's final
     loss on digits-ae and 1.16x on pydoc-lm, against 0.97x and 0.92x with
-    this one (tools/diloco_outer_sweep.py)."""
-    return tfso.distributed(
-        keras.optimizers.AdamW(lr, **options),
-        average_every=32,
-        outer_optimizer=keras.optimizers.SGD(0.8, momentum=0.3, nesterov=True),
-        average_compression=compression,
+    this one (`--option diloco:outer_learning_rate=0.7 --option
+    diloco:outer_momentum=0.9`)."""
+    inner, given = _communication_split(options)
+    outer = keras.optimizers.SGD(
+        outer_learning_rate, momentum=outer_momentum, nesterov=outer_momentum > 0
     )
+    communication = {"average_every": 32, "outer_optimizer": outer}
+    communication.update(
+        _merge("diloco", {"average_compression": compression}, given)
+        if compression is not None
+        else given
+    )
+    optimizer = tfso.distributed(keras.optimizers.AdamW(lr, **inner), **communication)
+    return _averaged(optimizer, average_optimizer_state)
 
 
-def _local_sgd(lr, compression=None, **options):
-    """Local SGD: Adam inside, the replicas' weights averaged every 32 steps
-    (no outer optimizer); "+CODEC" compresses the averaged change."""
-    return tfso.distributed(
-        keras.optimizers.Adam(lr, **options),
-        average_every=32,
-        average_compression=compression,
+def _local_sgd(lr, compression=None, average_optimizer_state=True, **options):
+    """Local SGD: Adam inside, the replicas' weights (and, unless
+    `average_optimizer_state` is false, optimizer state) averaged every 32
+    steps (no outer optimizer); "+CODEC" compresses the averaged change."""
+    inner, given = _communication_split(options)
+    communication = {"average_every": 32}
+    communication.update(
+        _merge("localsgd", {"average_compression": compression}, given)
+        if compression is not None
+        else given
     )
+    optimizer = tfso.distributed(keras.optimizers.Adam(lr, **inner), **communication)
+    return _averaged(optimizer, average_optimizer_state)
 
 
 TFSO_OPTIMIZERS = {
@@ -56,6 +118,25 @@ TFSO_OPTIMIZERS = {
     "diloco": _diloco,
     "localsgd": _local_sgd,
 }
+
+
+def optimizer_class(base):
+    """The class whose arguments `--option BASE:KEY=VALUE` may set (for
+    diloco and localsgd: the inner optimizer's)."""
+    return {
+        "adam": keras.optimizers.Adam,
+        "adamw": keras.optimizers.AdamW,
+        "sgd": keras.optimizers.SGD,
+        "lion": keras.optimizers.Lion,
+        "muon": keras.optimizers.Muon,
+        "shampoo": tfso.Shampoo,
+        "soap": tfso.SOAP,
+        "signsgd": tfso.SignSGD,
+        "onebitadam": tfso.OneBitAdam,
+        "compams": tfso.CompAMS,
+        "diloco": keras.optimizers.AdamW,
+        "localsgd": keras.optimizers.Adam,
+    }[base]
 
 
 def optimizer_names():
@@ -85,13 +166,19 @@ def parse_name(name):
 
 
 def make_optimizer(name, learning_rate, options=None, wrap=False):
-    """The optimizer `name` (see `parse_name`); Keras optimizers go through
-    `tfso.distributed` when compressed or when `wrap` (to count bytes)."""
+    """The optimizer `name` (see `parse_name`) with `options` (its keyword
+    arguments, the communication options among them); Keras optimizers go
+    through `tfso.distributed` when compressed, given communication options,
+    or when `wrap` (to count bytes)."""
     base, communication = parse_name(name)
     options = dict(options or {})
     if base in TFSO_OPTIMIZERS:
-        return TFSO_OPTIMIZERS[base](learning_rate, **communication, **options)
-    optimizer = KERAS_OPTIMIZERS[base](learning_rate, **options)
+        return TFSO_OPTIMIZERS[base](
+            learning_rate, **_merge(name, communication, options)
+        )
+    inner, given = _communication_split(options)
+    communication = _merge(name, communication, given)
+    optimizer = KERAS_OPTIMIZERS[base](learning_rate, **inner)
     if communication or wrap:
         optimizer = tfso.distributed(optimizer, **communication)
     return optimizer

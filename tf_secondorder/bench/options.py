@@ -1,0 +1,170 @@
+"""`tf-secondorder bench --option OPTIMIZER:KEY=VALUE`: one optimizer's
+keyword arguments for a run, read and checked before any run starts.
+
+OPTIMIZER is a name of `--optimizers` (e.g. `compams+topk`: that run only)
+or its part before "+" (e.g. `compams`: every compams run); a run takes the
+options of its base name, then those of its full name. KEY must be an
+argument the optimizer accepts (`accepted_keys`); VALUE is read as JSON
+(`3`, `0.5`, `true`, `null`, `{"name": "qsgd", "bits": 4}`, ...), else as the
+string itself. `--shampoo-option KEY=VALUE` is `--option shampoo:KEY=VALUE`.
+"""
+
+import dataclasses
+import difflib
+import inspect
+import json
+
+from tf_secondorder.bench.arguments import UsageError, usage_error
+
+
+def parse_value(text):
+    """An option's value from the command line: JSON (`3`, `0.5`, `true`,
+    `null`, ...) or else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def communication_keys():
+    """The fields of tfso.distribute.CommunicationConfig: every optimizer of
+    the bench accepts them (Keras ones through `tfso.distributed`)."""
+    from tf_secondorder.distribute.config import CommunicationConfig
+
+    return {f.name for f in dataclasses.fields(CommunicationConfig)}
+
+
+def constructor_arguments(cls):
+    """Named arguments of every `__init__` that `cls(...)`'s keyword
+    arguments reach, down to the first one without **kwargs."""
+    names = set()
+    for klass in inspect.getmro(cls):
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        for p in parameters:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                names.add(p.name)
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break  # keywords are not passed on past this class
+    return names
+
+
+def accepted_keys(base):
+    """Sorted keys `--option BASE:KEY=VALUE` accepts for the bench optimizer
+    `base` (a name of `runner.optimizer_names()`): its class's arguments, the
+    communication options and the bench's own keys for it."""
+    from tf_secondorder.bench import runner
+
+    names = constructor_arguments(runner.optimizer_class(base))
+    names |= communication_keys() | set(runner.BENCH_KEYS.get(base, {}))
+    # The learning rate comes from --lrs; "self" and "name" are not options.
+    return sorted(names - {"self", "learning_rate", "name"})
+
+
+def shampoo_arguments():
+    """Keys `--shampoo-option` accepts."""
+    return accepted_keys("shampoo")
+
+
+def _split(entry, argument):
+    """ "compams:beta_2=0.99" -> ("compams", "beta_2", "0.99")."""
+    example = (
+        "KEY=VALUE (e.g. precondition_frequency=50)"
+        if argument == "shampoo_option"
+        else "OPTIMIZER:KEY=VALUE (e.g. compams:compression_warmup_steps=0)"
+    )
+    target = "shampoo"
+    pair = entry
+    if argument == "option":
+        target, colon, pair = entry.partition(":")
+        target = target.strip()
+        if not colon or not target:
+            raise usage_error(argument, example, repr(entry))
+    key, equals, value = pair.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise usage_error(argument, example, repr(entry))
+    return target, key, value
+
+
+def parse(option_entries, shampoo_entries, names):
+    """({OPTIMIZER: {key: value}}, {OPTIMIZER: argument}) from the `--option`
+    and `--shampoo-option` entries, for the optimizer names `names` (already
+    checked), the second naming the argument each OPTIMIZER's options came
+    from; raises UsageError naming the argument."""
+    from tf_secondorder.bench import runner
+
+    bases = {n.partition("+")[0] for n in names}
+    parsed, sources = {}, {}
+    entries = [("shampoo_option", e) for e in shampoo_entries or []]
+    entries += [("option", e) for e in option_entries or []]
+    for argument, entry in entries:
+        target, key, value = _split(entry, argument)
+        if target not in names and target not in bases:
+            if argument == "shampoo_option":
+                received = f"{shampoo_entries} with optimizers={sorted(names)!r}"
+                expected = "given only when `optimizers` includes shampoo"
+            else:
+                known = target.partition("+")[0] in runner.optimizer_names()
+                received = f"{entry!r}, whose optimizer {target!r} is " + (
+                    "not in `optimizers`" if known else "unknown"
+                )
+                expected = f"OPTIMIZER:KEY=VALUE with OPTIMIZER one of {names}"
+                if bases - set(names):
+                    expected += f" or {sorted(bases - set(names))}"
+            raise usage_error(argument, expected, received)
+        accepted = accepted_keys(target.partition("+")[0])
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if key == "learning_rate":
+                hint += " (learning rates come from --lrs)"
+            what = "tfso.Shampoo" if argument == "shampoo_option" else target
+            raise usage_error(
+                argument,
+                f"KEY=VALUE with KEY an argument of {what}: {accepted}",
+                f"{key!r}{hint}",
+            )
+        parsed.setdefault(target, {})[key] = parse_value(value)
+        sources[target] = (
+            argument if sources.get(target, argument) == argument else "option"
+        )
+    return parsed, sources
+
+
+def for_run(name, parsed):
+    """The options of the run of optimizer `name`: those of its base name,
+    then those of its full name."""
+    base = name.partition("+")[0]
+    options = dict(parsed.get(base, {}))
+    if name != base:
+        options.update(parsed.get(name, {}))
+    return options
+
+
+def check_optimizers(names, lrs, parsed, sources, strategy):
+    """Builds every configuration's optimizer once, so that a bad option value
+    fails here, before the first run, rather than when its run starts."""
+    from tf_secondorder.bench import runner
+
+    with strategy.scope() if strategy is not None else runner._no_scope():
+        for name in names:
+            options = for_run(name, parsed)
+            for lr in lrs:
+                try:
+                    runner.make_optimizer(name, lr, options)
+                except (ValueError, TypeError) as e:
+                    given = {
+                        sources[t]
+                        for t in (name, name.partition("+")[0])
+                        if t in sources
+                    }
+                    # Name the argument the options came from, else `lrs`.
+                    argument = "lrs" if not given else "option"
+                    if len(given) == 1:
+                        argument = given.pop()
+                    raise UsageError(
+                        f"`{argument}`: {name} at learning rate {lr:g} with "
+                        f"{options} is rejected: {e}"
+                    ) from None
