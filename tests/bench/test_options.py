@@ -69,6 +69,40 @@ def test_values_are_json_and_the_full_name_wins_over_the_base():
     }
 
 
+def test_labels_run_one_optimizer_with_several_settings():
+    names = ["adam", "localsgd#8", "localsgd+int8#8", "localsgd#weights"]
+    parsed, _ = options.parse(
+        [
+            "localsgd:average_every=4",
+            "localsgd#8:average_every=8",
+            "localsgd+int8:average_every=16",
+            "localsgd+int8#8:average_warmup_steps=2",
+            "localsgd#weights:average_optimizer_state=false",
+        ],
+        None,
+        names,
+    )
+    assert options.for_run("adam", parsed) == {}
+    assert options.for_run("localsgd#8", parsed) == {"average_every": 8}
+    assert options.for_run("localsgd+int8#8", parsed) == {
+        "average_every": 16,
+        "average_warmup_steps": 2,
+    }
+    assert options.for_run("localsgd#weights", parsed) == {
+        "average_every": 4,
+        "average_optimizer_state": False,
+    }
+    assert options.scopes("localsgd+int8#8") == [
+        "localsgd",
+        "localsgd+int8",
+        "localsgd+int8#8",
+    ]
+    assert runner.make_optimizer("localsgd#8", 1e-3, {"average_every": 8})
+    for bad in ("localsgd#", "localsgd#a:b", "adagrad#x"):
+        with pytest.raises(ValueError, match="`optimizers` must be entries"):
+            runner.parse_name(bad)
+
+
 def test_every_optimizer_takes_its_arguments_and_the_communication_options():
     for name in runner.optimizer_names():
         accepted = set(options.accepted_keys(name))

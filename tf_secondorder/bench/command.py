@@ -41,7 +41,9 @@ def register(subparsers):
         "soap, signsgd, onebitadam, compams, diloco (AdamW, 32 local steps, "
         "outer Nesterov SGD), localsgd (Adam, averaged every 32 steps), each "
         "optionally +COMPRESSOR (e.g. shampoo+sign, compams+topk; for diloco "
-        "and localsgd it compresses the averaged change)",
+        "and localsgd it compresses the averaged change), then optionally "
+        "#LABEL to run one optimizer several times with different --option "
+        "settings (e.g. localsgd#8,localsgd#16)",
     )
     b.add_argument(
         "--lrs",
@@ -112,10 +114,10 @@ def register(subparsers):
         action="append",
         metavar="OPTIMIZER:KEY=VALUE",
         help="an argument of one optimizer for its runs, e.g. "
-        "compams:compression_warmup_steps=0, localsgd:average_every=8, "
+        "compams:compression_warmup_steps=0, localsgd#8:average_every=8, "
         "shampoo:precondition_frequency=50 (VALUE is read as JSON, else as a "
-        "string); OPTIMIZER is a name of --optimizers or its part before '+' "
-        "(then every run of it); KEY is one of the optimizer's arguments, a "
+        "string); OPTIMIZER is a name of --optimizers or its part before '#' "
+        "or '+' (then every run of it); KEY is one of the optimizer's arguments, a "
         "communication option (tfso.distribute.CommunicationConfig: "
         "compression, aggregation, average_every, ...), or for diloco "
         "outer_learning_rate (0.8), outer_momentum (0.3), and for diloco and "

@@ -1,9 +1,12 @@
 """`tf-secondorder bench --option OPTIMIZER:KEY=VALUE`: one optimizer's
 keyword arguments for a run, read and checked before any run starts.
 
-OPTIMIZER is a name of `--optimizers` (e.g. `compams+topk`: that run only)
-or its part before "+" (e.g. `compams`: every compams run); a run takes the
-options of its base name, then those of its full name. KEY must be an
+OPTIMIZER is a name of `--optimizers` (e.g. `compams+topk#a`: those runs
+only) or a part of one before "#" or "+" (e.g. `compams`: every compams
+run); a run takes the options of its base name, then of its name without
+"#LABEL", then of its full name. Labels let one optimizer run several times
+with different options: `--optimizers adam,localsgd#8,localsgd#16 --option
+localsgd#8:average_every=8 --option localsgd#16:average_every=16`. KEY must be an
 argument the optimizer accepts (`accepted_keys`); VALUE is read as JSON
 (`3`, `0.5`, `true`, `null`, `{"name": "qsgd", "bits": 4}`, ...), else as the
 string itself. `--shampoo-option KEY=VALUE` is `--option shampoo:KEY=VALUE`.
@@ -67,6 +70,17 @@ def shampoo_arguments():
     return accepted_keys("shampoo")
 
 
+def scopes(name):
+    """The `--option` targets that reach the runs of `name`, broadest first:
+    "localsgd+int8#a" -> ["localsgd", "localsgd+int8", "localsgd+int8#a"]."""
+    untagged = name.partition("#")[0]
+    found = []
+    for scope in (untagged.partition("+")[0], untagged, name):
+        if scope not in found:
+            found.append(scope)
+    return found
+
+
 def _split(entry, argument):
     """ "compams:beta_2=0.99" -> ("compams", "beta_2", "0.99")."""
     example = (
@@ -95,26 +109,26 @@ def parse(option_entries, shampoo_entries, names):
     from; raises UsageError naming the argument."""
     from tf_secondorder.bench import runner
 
-    bases = {n.partition("+")[0] for n in names}
+    targets = {scope for name in names for scope in scopes(name)}
     parsed, sources = {}, {}
     entries = [("shampoo_option", e) for e in shampoo_entries or []]
     entries += [("option", e) for e in option_entries or []]
     for argument, entry in entries:
         target, key, value = _split(entry, argument)
-        if target not in names and target not in bases:
+        if target not in targets:
             if argument == "shampoo_option":
                 received = f"{shampoo_entries} with optimizers={sorted(names)!r}"
                 expected = "given only when `optimizers` includes shampoo"
             else:
-                known = target.partition("+")[0] in runner.optimizer_names()
+                known = scopes(target)[0] in runner.optimizer_names()
                 received = f"{entry!r}, whose optimizer {target!r} is " + (
                     "not in `optimizers`" if known else "unknown"
                 )
                 expected = f"OPTIMIZER:KEY=VALUE with OPTIMIZER one of {names}"
-                if bases - set(names):
-                    expected += f" or {sorted(bases - set(names))}"
+                if targets - set(names):
+                    expected += f" or {sorted(targets - set(names))}"
             raise usage_error(argument, expected, received)
-        accepted = accepted_keys(target.partition("+")[0])
+        accepted = accepted_keys(scopes(target)[0])
         if key not in accepted:
             close = difflib.get_close_matches(key, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -134,12 +148,11 @@ def parse(option_entries, shampoo_entries, names):
 
 
 def for_run(name, parsed):
-    """The options of the run of optimizer `name`: those of its base name,
-    then those of its full name."""
-    base = name.partition("+")[0]
-    options = dict(parsed.get(base, {}))
-    if name != base:
-        options.update(parsed.get(name, {}))
+    """The options of the runs of optimizer `name`: those of each of its
+    `scopes`, the narrower ones overriding."""
+    options = {}
+    for scope in scopes(name):
+        options.update(parsed.get(scope, {}))
     return options
 
 

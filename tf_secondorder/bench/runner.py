@@ -1,6 +1,7 @@
 """Trains one optimizer on one task with model.fit and records loss and timing."""
 
 import contextlib
+import re
 import time
 
 import keras
@@ -140,18 +141,28 @@ def optimizer_class(base):
 
 
 def optimizer_names():
-    """Every accepted name; any of them may end in "+COMPRESSOR"."""
+    """Every accepted name; any of them may end in "+COMPRESSOR" and then
+    "#LABEL"."""
     return sorted(KERAS_OPTIMIZERS) + sorted(TFSO_OPTIMIZERS)
 
 
 def parse_name(name):
-    """ "shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked."""
-    base, _, compression = name.partition("+")
+    """ "shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked. A
+    "#LABEL" at the end (letters, digits, "_", "-", ".") only tells
+    configurations of one optimizer apart: "localsgd#8" is localsgd."""
+    label, hash_sign, tag = name.partition("#")
+    if hash_sign and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+        validation.fail(
+            "optimizers",
+            "entries whose label after '#' is letters, digits, '_', '-' or '.'",
+            name,
+        )
+    base, _, compression = label.partition("+")
     if base not in KERAS_OPTIMIZERS and base not in TFSO_OPTIMIZERS:
         validation.fail(
             "optimizers",
             f"entries among {optimizer_names()}, each optionally followed by "
-            "+COMPRESSOR (e.g. shampoo+sign)",
+            "+COMPRESSOR (e.g. shampoo+sign) and #LABEL (e.g. localsgd#8)",
             name,
         )
     if not compression:
