@@ -39,24 +39,52 @@ def register(subparsers):
         description=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workers", default="2,4")
-    parser.add_argument("--rates", default="1gbit,100mbit")
-    parser.add_argument("--settings", default=",".join(SETTINGS))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--target", type=float, default=0.1)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--sign-learning-rate", type=float, default=1e-4)
+    parser.add_argument(
+        "--workers", default="2,4", help="comma-separated worker counts"
+    )
+    parser.add_argument(
+        "--rates",
+        default="1gbit,100mbit",
+        help="comma-separated tc rates of the workers' network, or none "
+        "(no namespace, no root needed)",
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"comma-separated, among {', '.join(SETTINGS)} (default: all)",
+    )
+    parser.add_argument("--steps", type=int, default=300, help="steps per run")
+    parser.add_argument(
+        "--target", type=float, default=0.1, help="training loss of time-to-target"
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, default=1e-4, help="Adam's and the others'"
+    )
+    parser.add_argument(
+        "--sign-learning-rate", type=float, default=1e-4, help="SignSGD's"
+    )
     parser.add_argument("--batch-per-worker", type=int, default=8)
-    parser.add_argument("--max-seconds", type=float, default=600)
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=600,
+        help="stop a run after this many seconds of training",
+    )
     parser.add_argument(
         "--short-rates",
         default="100mbit",
         help="rates at which fp32 runs only --short-steps (its step time alone)",
     )
     parser.add_argument("--short-steps", type=int, default=10)
-    parser.add_argument("--tmp", default="/tmp/tfso_multiworker_bench")
-    parser.add_argument("--out", default="multiworker_results.json")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument(
+        "--tmp",
+        default="/tmp/tfso_multiworker_bench",
+        help="directory for each run's record",
+    )
+    parser.add_argument(
+        "--out", default="multiworker_results.json", help="JSON of every row"
+    )
+    parser.add_argument("--verbose", action="store_true", help="workers' output")
     parser.add_argument("--profile", default=None, help="TF profiler dir (worker 0)")
     parser.set_defaults(func=command)
     return parser
