@@ -124,11 +124,17 @@ def test_options_reach_the_optimizer(mirrored):
         1e-3,
         {"average_every": 4, "outer_learning_rate": 0.7, "outer_momentum": 0.9},
     )
+    plain = runner.make_optimizer(
+        "diloco", 1e-3, {"outer_learning_rate": 1, "outer_momentum": 0}
+    )
     outer = diloco.communication.outer_optimizer
     assert diloco.communication.average_every == 4
     assert float(outer.learning_rate) == pytest.approx(0.7)
     assert outer.momentum == pytest.approx(0.9) and outer.nesterov
     assert type(diloco.communication.average_compression).__name__ == "Int8"
+    # JSON integers are numbers too; no momentum: plain SGD.
+    plain_outer = plain.communication.outer_optimizer
+    assert plain_outer.momentum == 0.0 and not plain_outer.nesterov
     for state, expected in ((True, 3), (False, 1)):
         # Adam keeps two slots per weight: weights + slots, or the weights only.
         with mirrored.scope():

@@ -82,8 +82,10 @@ def _diloco(
     this one (`--option diloco:outer_learning_rate=0.7 --option
     diloco:outer_momentum=0.9`)."""
     inner, given = _communication_split(options)
+    # JSON reads "0" as an int, which Keras's SGD rejects as a momentum.
+    momentum = float(outer_momentum)
     outer = keras.optimizers.SGD(
-        outer_learning_rate, momentum=outer_momentum, nesterov=outer_momentum > 0
+        float(outer_learning_rate), momentum=momentum, nesterov=momentum > 0
     )
     communication = {"average_every": 32, "outer_optimizer": outer}
     communication.update(
