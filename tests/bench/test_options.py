@@ -147,18 +147,21 @@ def test_options_reach_the_optimizer(mirrored):
         assert len(local.averaged_variables()) == expected * weights
 
 
-def test_a_compressor_set_twice_is_rejected_before_the_first_run(data_dir, no_run):
-    with pytest.raises(UsageError, match="`option`: adam\\+sign .*set both"):
+@pytest.mark.parametrize(
+    "names, option, match",
+    [
+        ("adam+sign", "adam+sign:compression=int8", r"`option`: adam\+sign .*set both"),
+        ("adam,localsgd#x", "localsgd#x:average_every=0", "`option`: localsgd#x .*"),
+        ("shampoo#a", "shampoo:block_size=-3", "`option`: shampoo#a .*block_size"),
+    ],
+)
+def test_a_bad_option_value_is_rejected_before_the_first_run(
+    data_dir, no_run, names, option, match
+):
+    with pytest.raises(UsageError, match=match):
         cli.main(
-            ["bench", "--data-dir", data_dir, "--optimizers", "adam+sign"]
-            + [
-                "--lrs",
-                "1e-3",
-                "--steps",
-                "4",
-                "--option",
-                "adam+sign:compression=int8",
-            ]
+            ["bench", "--data-dir", data_dir, "--optimizers", names]
+            + ["--lrs", "1e-3", "--steps", "4", "--option", option]
         )
 
 

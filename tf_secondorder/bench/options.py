@@ -168,11 +168,7 @@ def check_optimizers(names, lrs, parsed, sources, strategy):
                 try:
                     runner.make_optimizer(name, lr, options)
                 except (ValueError, TypeError) as e:
-                    given = {
-                        sources[t]
-                        for t in (name, name.partition("+")[0])
-                        if t in sources
-                    }
+                    given = {sources[t] for t in scopes(name) if t in sources}
                     # Name the argument the options came from, else `lrs`.
                     argument = "lrs" if not given else "option"
                     if len(given) == 1:
