@@ -8,7 +8,8 @@ import argparse
 import os
 import sys
 
-from tf_secondorder.bench import command, communication_bytes, multiworker, scale
+from tf_secondorder.bench import command as bench_command
+from tf_secondorder.bench import communication_bytes, multiworker, scale
 from tf_secondorder.bench.arguments import UsageError, usage_error
 
 
@@ -73,7 +74,7 @@ def main(argv=None):
     """Runs `tf-secondorder` with `argv`; invalid arguments raise UsageError."""
     parser = argparse.ArgumentParser(prog="tf-secondorder")
     sub = parser.add_subparsers(dest="command", required=True)
-    command.register(sub)
+    bench_command.register(sub)
     scale.register(sub)
     communication_bytes.register(sub)
     multiworker.register(sub)
