@@ -27,6 +27,10 @@ BAD_OPTIONS = [
     # The bench's DiLoCo keys belong to diloco only.
     (["--option", "adam:outer_momentum=0.5"], "`option` must be KEY=VALUE"),
     (
+        ["--batch-schedule", "16,32", "--option", "adam:amsgrad=true"],
+        "`option` must be left out with `batch_schedule`",
+    ),
+    (
         ["--shampoo-option", "block_size=64"],
         "`shampoo_option` must be given only when `optimizers` includes shampoo",
     ),

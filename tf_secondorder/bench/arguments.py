@@ -142,6 +142,13 @@ def check_bench_args(args):
     from tf_secondorder.bench import options
 
     parsed = options.parse(args.option, args.shampoo_option, names)
+    if parsed[0] and args.batch_schedule is not None:
+        argument = "option" if args.option else "shampoo_option"
+        raise usage_error(
+            argument,
+            "left out with `batch_schedule`, whose runs use the library defaults",
+            args.option or args.shampoo_option,
+        )
     for name, path in (("out", args.out), ("data_dir", args.data_dir)):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(name, "a directory", f"{path!r}, which is a file")
