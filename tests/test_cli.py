@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import run_cli_in_subprocess
 from tf_secondorder import cli
-from tf_secondorder.bench.arguments import UsageError
+from tf_secondorder.bench.usage import UsageError
 
 
 def test_bench_writes_results(tmp_path, data_dir, capsys):
@@ -200,3 +200,27 @@ def test_scale_reports_every_measure_per_configuration(tmp_path, capsys):
 def test_scale_bad_input_is_named(args, name):
     with pytest.raises(UsageError, match=f"`{name}` must be"):
         cli.main(["scale"] + args)
+
+
+def test_options_reach_the_run(tmp_path, data_dir):
+    # 2 replicas, 4 steps: local SGD averaging the weights only every 2
+    # steps, and CompAMS compressing from its first step.
+    run_cli_in_subprocess(
+        ["bench", "--data-dir", data_dir, "--replicas", "2"]
+        + ["--optimizers", "localsgd,compams", "--lrs", "1e-3", "--steps", "4"]
+        + ["--option", "localsgd:average_every=2"]
+        + ["--option", "localsgd:average_optimizer_state=false"]
+        + ["--option", "compams:compression_warmup_steps=0"]
+        + ["--verbose", "0", "--out", str(tmp_path)]
+    )
+    local, compams = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert local["options"] == {"average_every": 2, "average_optimizer_state": False}
+    assert compams["options"] == {"compression_warmup_steps": 0}
+    # Averages after steps 2 and 4, each of the float32 weights alone.
+    assert local["rounds"] == 2
+    assert local["bytes_total"] == 2 * local["weight_bytes"]
+    # No full-precision warm-up: every step sent the compressed bytes.
+    assert compams["bytes_per_step"] < compams["float32_bytes_per_step"] / 20
+    assert compams["run_bytes_ratio"] == pytest.approx(
+        compams["bytes_per_step"] / compams["float32_bytes_per_step"]
+    )

@@ -14,7 +14,7 @@ load_digits().data / 16 as float32 (1797 x 64); Dense 64-512-256-128-16-128-
 256-512-64, tanh hidden layers, a linear 16-unit code, a sigmoid output;
 glorot_uniform weights and zero biases (Keras defaults); MSE loss; batch 128
 drawn from a seeded reshuffle each epoch (remainder dropped); full-data MSE
-every 50 steps; 2000 steps. See tools/peer_bench.md for what it measures.
+every 50 steps; 2000 steps. See tools/README.md for what it measures.
 """
 
 import argparse

@@ -10,8 +10,8 @@ import tf_secondorder as tfso
 from tests.helpers import run_cli_in_subprocess
 from tf_secondorder import cli
 from tf_secondorder.bench import batch_schedules
-from tf_secondorder.bench.arguments import UsageError
 from tf_secondorder.bench.tasks import digits_logreg
+from tf_secondorder.bench.usage import UsageError
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,7 @@ import sys
 import pytest
 
 from tf_secondorder import cli
-from tf_secondorder.bench import arguments, report, runner, tasks
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-    """Fails the test if a task's data is loaded or a run starts."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("work started before the arguments were checked")
-
-    monkeypatch.setattr(tasks, "get_task", refuse)
-    monkeypatch.setattr(runner, "run", refuse)
-
+from tf_secondorder.bench import arguments, report, runner
 
 BAD_BENCH_ARGUMENTS = [
     (["--steps", "0"], "`steps` must be an integer >= 2"),
@@ -66,21 +54,6 @@ BAD_BENCH_ARGUMENTS = [
 def test_bad_bench_arguments_are_named_before_any_work(no_work, extra, match):
     with pytest.raises(ValueError, match=match):
         cli.main(["bench", *extra])
-
-
-def test_shampoo_options_take_every_shampoo_argument():
-    options = arguments.parse_options(
-        ["precondition_frequency=20", "grafting=sgd", "compression=bf16"]
-    )
-    assert options == {
-        "precondition_frequency": 20,
-        "grafting": "sgd",
-        "compression": "bf16",
-    }
-    accepted = arguments.shampoo_arguments()
-    # Keras's own optimizer arguments and the communication options too.
-    assert {"weight_decay", "clipnorm", "average_every"} <= set(accepted)
-    assert "learning_rate" not in accepted
 
 
 def test_the_command_exits_2_with_the_message(no_work, capsys):

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import mlp, regression_data
-from tf_secondorder.bench import runner, tasks
+from tf_secondorder.bench import optimizers, runner, tasks
 from tf_secondorder.compat import replica_state
 
 X, Y = regression_data(256)
@@ -49,7 +49,7 @@ def test_evaluating_often_leaves_the_run_and_its_rounds_unchanged(mirrored, name
 def test_evaluation_sees_the_stopped_model_and_puts_every_replica_back(mirrored):
     with mirrored.scope():
         model = mlp()
-        optimizer = runner.make_optimizer("diloco", 1e-2)
+        optimizer = optimizers.make_optimizer("diloco", 1e-2)
         optimizer.build(model.trainable_variables)
     # A custom loop: no callbacks, so nothing averages off the schedule.
     data = mirrored.experimental_distribute_dataset(

@@ -4,95 +4,17 @@ Every check raises UsageError naming the argument, so that a bad value stops
 the command before the first run starts rather than partway through the grid.
 """
 
-import json
 import math
 import os
+
+from tf_secondorder.bench.usage import UsageError, usage_error
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-class UsageError(ValueError):
-    """An invalid command-line argument, found before any work starts.
-
-    `cli.console` (the `tf-secondorder` command) prints it and exits with
-    code 2; `cli.main` raises it, so callers see a ValueError naming the
-    argument.
-    """
-
-
-def usage_error(name, expected, received):
-    return UsageError(f"`{name}` must be {expected}; received {received}")
-
-
-def shampoo_arguments():
-    """Names tfso.Shampoo accepts: the named arguments of every `__init__` its
-    keyword arguments reach (down to Keras's optimizer) and the communication
-    options (the fields of the package's CommunicationConfig dataclass)."""
-    import dataclasses
-    import inspect
-
-    import tf_secondorder as tfso
-
-    names = set()
-    for cls in inspect.getmro(tfso.Shampoo):
-        if "__init__" not in vars(cls):
-            continue
-        parameters = inspect.signature(vars(cls)["__init__"]).parameters.values()
-        for p in parameters:
-            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                names.add(p.name)
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break  # keywords are not passed on past this class
-    config = getattr(tfso, "CommunicationConfig", None)
-    if config is not None and dataclasses.is_dataclass(config):
-        names.update(f.name for f in dataclasses.fields(config))
-    # The learning rate comes from --lrs; "self" and "name" are not options.
-    return sorted(names - {"self", "learning_rate", "name"})
-
-
-def parse_options(pairs):
-    """`KEY=VALUE` strings -> {key: JSON value (or the string)}, keys checked."""
-    import difflib
-
-    options = {}
-    accepted = None
-    for pair in pairs or []:
-        key, equals, value = pair.partition("=")
-        key = key.strip()
-        if not equals or not key:
-            raise usage_error(
-                "shampoo_option",
-                "KEY=VALUE (e.g. precondition_frequency=50)",
-                repr(pair),
-            )
-        if accepted is None:
-            accepted = shampoo_arguments()
-        if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            learning_rate = (
-                " (learning rates come from --lrs)" if key == "learning_rate" else ""
-            )
-            raise usage_error(
-                "shampoo_option",
-                f"KEY=VALUE with KEY an argument of tfso.Shampoo: {accepted}",
-                f"{key!r}{hint}{learning_rate}",
-            )
-        options[key] = parse_value(value)
-    return options
-
-
-def parse_value(text):
-    """An option's value from the command line: JSON (`3`, `0.5`, `true`,
-    `null`, ...) or else the string itself."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def _parse_optimizers(text):
-    from tf_secondorder.bench import runner
+    # Deferred: optimizers imports TensorFlow, which `--help` does not need.
+    from tf_secondorder.bench import optimizers
 
     names = [n.strip() for n in text.split(",")]
     if not any(names):
@@ -107,7 +29,7 @@ def _parse_optimizers(text):
                 "optimizers", "comma-separated names without empty entries", repr(text)
             )
         try:
-            runner.parse_name(name)
+            optimizers.parse_name(name)
         except ValueError as e:
             raise UsageError(str(e)) from None
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -178,7 +100,10 @@ def schedule(task_name, steps, eval_every):
 
 
 def check_bench_args(args):
-    """Every check that needs no data and no TensorFlow device; raises UsageError."""
+    """Every check that needs no data and no TensorFlow device; raises UsageError.
+
+    Returns (names, lrs, steps, eval_every, note, (options, sources)), the
+    last as `options.parse` returns them."""
     from tf_secondorder.bench import tasks
 
     try:
@@ -204,36 +129,20 @@ def check_bench_args(args):
     names = _parse_optimizers(args.optimizers)
     lrs = _parse_lrs(args.lrs) if args.lrs is not None else None
     steps, eval_every, note = schedule(args.task, args.steps, args.eval_every)
-    options = parse_options(args.shampoo_option)
-    if options and not any(n.split("+")[0] == "shampoo" for n in names):
+    from tf_secondorder.bench import options
+
+    parsed = options.parse(args.option, args.shampoo_option, names)
+    if parsed[0] and args.batch_schedule is not None:
+        argument = "option" if args.option else "shampoo_option"
         raise usage_error(
-            "shampoo_option",
-            "given only when `optimizers` includes shampoo",
-            f"{args.shampoo_option} with optimizers={args.optimizers!r}",
+            argument,
+            "left out with `batch_schedule`, whose runs use the library defaults",
+            args.option or args.shampoo_option,
         )
     for name, path in (("out", args.out), ("data_dir", args.data_dir)):
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
             raise usage_error(name, "a directory", f"{path!r}, which is a file")
-    return names, lrs, steps, eval_every, note, options
-
-
-def check_optimizers(names, lrs, options, strategy):
-    """Builds every configuration's optimizer once, so that a bad option value
-    fails here, before the first run, rather than when its run starts."""
-    from tf_secondorder.bench import runner
-
-    with strategy.scope() if strategy is not None else runner._no_scope():
-        for name in names:
-            shampoo = name.split("+")[0] == "shampoo"
-            for lr in lrs:
-                try:
-                    runner.make_optimizer(name, lr, options if shampoo else None)
-                except (ValueError, TypeError) as e:
-                    argument = "shampoo_option" if shampoo and options else "lrs"
-                    raise UsageError(
-                        f"`{argument}`: {name} at learning rate {lr:g} with "
-                        f"{options if shampoo else {}} is rejected: {e}"
-                    ) from None
+    return names, lrs, steps, eval_every, note, parsed
 
 
 def logical_strategy(replicas):

@@ -11,6 +11,7 @@ stages of growing batches, each minimising f + θ/2‖x − y_k‖² around the
 weights y_k at its start).
 """
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -18,7 +19,7 @@ import time
 import keras
 import numpy as np
 
-from tf_secondorder.bench import arguments
+from tf_secondorder.bench.usage import usage_error
 from tf_secondorder.data.growing import GrowingBatchSchedule, growing_batches
 from tf_secondorder.data.train_step import train_in_micro_batches
 
@@ -95,9 +96,7 @@ def parse(text, replicas):
             else:
                 raise ValueError
         except ValueError:
-            raise arguments.usage_error(
-                "batch_schedule", expected, repr(text)
-            ) from None
+            raise usage_error("batch_schedule", expected, repr(text)) from None
         growing = len(parts) > 1
         if (
             schedule.batch_size < 1
@@ -107,7 +106,7 @@ def parse(text, replicas):
             )
             or (schedule.cap is not None and schedule.cap < schedule.batch_size)
         ):
-            raise arguments.usage_error(
+            raise usage_error(
                 "batch_schedule", expected, f"{text!r} (entry {entry.strip()!r})"
             )
         schedules.append(schedule)
@@ -134,13 +133,13 @@ class _SampleRecorder(keras.callbacks.Callback):
 
 def run(task, optimizer_name, learning_rate, schedule, budget, seed, strategy):
     """Trains on `budget` examples batched by `schedule`; returns the record."""
-    from tf_secondorder.bench import runner
+    from tf_secondorder.bench import optimizers
 
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     sizes = schedule.sizes(budget, replicas)
-    with strategy.scope() if strategy is not None else runner._no_scope():
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
         model = task.make_model(seed)
-        optimizer = runner.make_optimizer(optimizer_name, learning_rate)
+        optimizer = optimizers.make_optimizer(optimizer_name, learning_rate)
         optimizer.build(model.trainable_variables)
         model.compile(optimizer=optimizer, loss=task.loss)
     examples = task.make_examples(seed)

@@ -7,94 +7,8 @@ import keras
 import numpy as np
 
 import tf_secondorder as tfso
-from tf_secondorder import validation
+from tf_secondorder.bench.optimizers import make_optimizer
 from tf_secondorder.compat import replica_state
-
-# Every optimizer runs with its library defaults: what a user's
-# `tfso.Shampoo(learning_rate=...)` does. Options for one run come from the
-# command line (`--shampoo-option`) and are recorded with it.
-KERAS_OPTIMIZERS = {
-    "adam": lambda lr, **o: keras.optimizers.Adam(lr, **o),
-    "adamw": lambda lr, **o: keras.optimizers.AdamW(lr, **o),
-    "sgd": lambda lr, **o: keras.optimizers.SGD(lr, **{"momentum": 0.9, **o}),
-    "lion": lambda lr, **o: keras.optimizers.Lion(lr, **o),
-    "muon": lambda lr, **o: keras.optimizers.Muon(lr, **o),
-}
-
-
-def _diloco(lr, compression=None, **options):
-    """DiLoCo: AdamW inside, 32 local steps, an outer Nesterov SGD with lr
-    0.8 and momentum 0.3; "+CODEC" compresses the pseudo-gradients. With
-    one replica it is AdamW. The paper's outer step (lr 0.7, momentum 0.9)
-    overshot at 32 local steps on 2 replicas: 1.39x synchronous Adam's final
-    loss on digits-ae and 1.16x on pydoc-lm, against 0.97x and 0.92x with
-    this one (tools/diloco_outer_sweep.py)."""
-    return tfso.distributed(
-        keras.optimizers.AdamW(lr, **options),
-        average_every=32,
-        outer_optimizer=keras.optimizers.SGD(0.8, momentum=0.3, nesterov=True),
-        average_compression=compression,
-    )
-
-
-def _local_sgd(lr, compression=None, **options):
-    """Local SGD: Adam inside, the replicas' weights averaged every 32 steps
-    (no outer optimizer); "+CODEC" compresses the averaged change."""
-    return tfso.distributed(
-        keras.optimizers.Adam(lr, **options),
-        average_every=32,
-        average_compression=compression,
-    )
-
-
-TFSO_OPTIMIZERS = {
-    "shampoo": lambda lr, **o: tfso.Shampoo(lr, **o),
-    "soap": lambda lr, **o: tfso.SOAP(lr, **o),
-    "signsgd": lambda lr, **o: tfso.SignSGD(lr, **{"momentum": 0.9, **o}),
-    "onebitadam": lambda lr, **o: tfso.OneBitAdam(lr, **o),
-    "compams": lambda lr, **o: tfso.CompAMS(lr, **o),
-    "diloco": _diloco,
-    "localsgd": _local_sgd,
-}
-
-
-def optimizer_names():
-    """Every accepted name; any of them may end in "+COMPRESSOR"."""
-    return sorted(KERAS_OPTIMIZERS) + sorted(TFSO_OPTIMIZERS)
-
-
-def parse_name(name):
-    """ "shampoo+sign" -> ("shampoo", {"compression": "sign"}), checked."""
-    base, _, compression = name.partition("+")
-    if base not in KERAS_OPTIMIZERS and base not in TFSO_OPTIMIZERS:
-        validation.fail(
-            "optimizers",
-            f"entries among {optimizer_names()}, each optionally followed by "
-            "+COMPRESSOR (e.g. shampoo+sign)",
-            name,
-        )
-    if not compression:
-        return base, {}
-    if compression not in tfso.compression.names():
-        validation.fail(
-            "optimizers",
-            f"entries whose compressor after '+' is one of {tfso.compression.names()}",
-            name,
-        )
-    return base, {"compression": compression}
-
-
-def make_optimizer(name, learning_rate, options=None, wrap=False):
-    """The optimizer `name` (see `parse_name`); Keras optimizers go through
-    `tfso.distributed` when compressed or when `wrap` (to count bytes)."""
-    base, communication = parse_name(name)
-    options = dict(options or {})
-    if base in TFSO_OPTIMIZERS:
-        return TFSO_OPTIMIZERS[base](learning_rate, **communication, **options)
-    optimizer = KERAS_OPTIMIZERS[base](learning_rate, **options)
-    if communication or wrap:
-        optimizer = tfso.distributed(optimizer, **communication)
-    return optimizer
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -192,7 +106,7 @@ def run(
     failures. `repeat` is stored with it (see `report.aggregate`).
     """
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
-    scope = strategy.scope() if strategy is not None else _no_scope()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
     with dtype_policy(precision), scope:
         model = task.make_model(seed)
         optimizer = make_optimizer(
@@ -306,11 +220,3 @@ def dtype_policy(name):
         yield
     finally:
         keras.mixed_precision.set_global_policy(previous)
-
-
-class _no_scope:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *args):
-        return False

@@ -257,3 +257,76 @@ if __name__ == "__main__":
         int(frequency) if frequency else None,
     )
     print("RECORD " + json.dumps(record), flush=True)
+
+
+def register(subparsers):
+    """Adds `scale` to the `tf-secondorder` subcommands."""
+    sc = subparsers.add_parser(
+        "scale",
+        help="how first step, step time, refresh and memory grow with the model",
+        description="Trains each model size with each optimizer (library "
+        "defaults, train_on_batch) in a fresh process and prints first step, "
+        "median / amortised / worst step as ratios to Adam's, refresh "
+        "seconds, the optimizer's op count, state / weights, peak memory and "
+        "the final training loss. Models: mlp-1024, mlp-2048 (4 square Dense "
+        "layers, batch 256), lm-1m, lm-10m, lm-50m (byte-level Transformers "
+        "on the pydoc text, 4096 tokens per step).",
+    )
+    sc.add_argument("--models", default="mlp-1024,mlp-2048")
+    sc.add_argument(
+        "--optimizers",
+        default="adam,shampoo,shampoo-instep,soap",
+        help="adam, shampoo (defaults: pipelined roots), shampoo-instep "
+        "(root_refresh='in_step'), shampoo-lowmem (bfloat16 packed "
+        "statistics, bfloat16 roots), soap",
+    )
+    sc.add_argument("--steps", type=int, default=120, help="steps after the first")
+    sc.add_argument("--repeats", type=int, default=1)
+    sc.add_argument("--lr", type=float, default=1e-3)
+    sc.add_argument(
+        "--frequency",
+        type=int,
+        default=None,
+        help="precondition_frequency for Shampoo and SOAP (default: theirs), "
+        "to see refreshes in short runs of large models",
+    )
+    sc.add_argument("--out", default="bench_out/scale")
+    sc.set_defaults(func=command)
+    return sc
+
+
+def command(args):
+    """Runs `tf-secondorder scale`; invalid arguments raise UsageError."""
+    from tf_secondorder.bench.usage import UsageError
+
+    models = [m for m in args.models.split(",") if m]
+    optimizers = [o for o in args.optimizers.split(",") if o]
+    for name, known, what in (
+        (models, MODELS, "models"),
+        (optimizers, OPTIMIZERS, "optimizers"),
+    ):
+        unknown = [n for n in name if n not in known]
+        if unknown or not name:
+            raise UsageError(
+                f"`--{what}` must be a comma-separated list of {sorted(known)}; "
+                f"received {getattr(args, what)!r}"
+            )
+    if args.steps < 2 or args.repeats < 1:
+        raise UsageError(
+            f"`--steps` must be >= 2 and `--repeats` >= 1; received "
+            f"{args.steps} and {args.repeats}"
+        )
+    if args.frequency is not None and args.frequency < 1:
+        raise UsageError(f"`--frequency` must be >= 1; received {args.frequency}")
+    records = run(
+        models,
+        optimizers,
+        args.steps,
+        args.repeats,
+        args.lr,
+        args.frequency,
+        args.out,
+    )
+    print(format_table(records))
+    print(f"wrote {os.path.join(args.out, 'scale.json')}")
+    return 0

@@ -33,9 +33,6 @@ from tf_secondorder.bench.tasks.registry import (
     register,
 )
 
-# The name `tf_secondorder.cli`'s prepare-data calls.
-_tfds = tfds_module
-
 __all__ = [
     "Task",
     "TaskUnavailable",
