@@ -34,6 +34,7 @@ PLACEHOLDERS = {
     r"--settings S\b": "--settings fp32",
     r"--heartbeat-timeout S\b": "--heartbeat-timeout 60",
     r"--data-dir DIR\b": "--data-dir tfds_data",
+    r"--average-from STEP\b": "--average-from 100",
 }
 
 
