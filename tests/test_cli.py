@@ -224,3 +224,24 @@ def test_options_reach_the_run(tmp_path, data_dir):
     assert compams["run_bytes_ratio"] == pytest.approx(
         compams["bytes_per_step"] / compams["float32_bytes_per_step"]
     )
+
+
+def test_an_optimizer_runs_its_own_learning_rates(tmp_path, data_dir):
+    run_cli_in_subprocess(
+        ["bench", "--data-dir", data_dir, "--optimizers", "adam,muon"]
+        + ["--lrs", "1e-3", "--lrs-of", "muon:2e-3,5e-3", "--steps", "4"]
+        + ["--average-from", "2", "--verbose", "0", "--out", str(tmp_path)]
+    )
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [(r["optimizer"], r["learning_rate"]) for r in runs] == [
+        ("adam", 1e-3),
+        ("muon", 2e-3),
+        ("muon", 5e-3),
+    ]
+    # The mean of steps 2, 3 and 4 is scored beside the last iterate.
+    for run in runs:
+        assert run["average_from"] == 2
+        assert [step for step, _ in run["averaged_curve"]] == [
+            step for step, _ in run["curve"]
+        ]
+        assert run["averaged_final_loss"] != run["final_loss"]

@@ -47,6 +47,15 @@ BAD_BENCH_ARGUMENTS = [
     (["--batch-schedule", "growing:8:0.9"], "`batch_schedule` must be"),
     (["--replicas", "2", "--batch-schedule", "33"], "`batch_schedule` must be"),
     (["--samples", "0"], "`samples` must be an integer >= 1"),
+    (["--lrs-of", "muon:1e-3"], "`lrs_of` must be NAME:LR,LR,... with NAME one of"),
+    (["--lrs-of", "adam"], "`lrs_of` must be NAME:LR"),
+    (["--lrs-of", "adam:0"], "`lrs_of` must be comma-separated finite numbers"),
+    (
+        ["--lrs-of", "adam:1e-3", "--lrs-of", "adam:3e-3"],
+        "`lrs_of` must be one entry per optimizer",
+    ),
+    (["--average-from", "5000"], r"`average_from` must be a step in \[0, 2000\)"),
+    (["--average-from", "-1"], r"`average_from` must be a step in"),
 ]
 
 

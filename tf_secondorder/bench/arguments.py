@@ -42,20 +42,36 @@ def _parse_optimizers(text):
     return names
 
 
-def _parse_lrs(text):
+def _parse_lrs(text, argument="lrs"):
     expected = "comma-separated finite numbers > 0, e.g. 1e-3,3e-3"
     lrs = []
     for entry in text.split(","):
         try:
             lr = float(entry)
         except ValueError:
-            raise usage_error("lrs", expected, f"{text!r}") from None
+            raise usage_error(argument, expected, f"{text!r}") from None
         if not math.isfinite(lr) or lr <= 0:
-            raise usage_error("lrs", expected, f"{text!r} (entry {entry.strip()!r})")
+            raise usage_error(argument, expected, f"{text!r} (entry {entry.strip()!r})")
         lrs.append(lr)
     if len(set(lrs)) < len(lrs):
-        raise usage_error("lrs", "distinct learning rates", repr(text))
+        raise usage_error(argument, "distinct learning rates", repr(text))
     return lrs
+
+
+def parse_lrs_of(entries, names):
+    """{name: its own learning rates} from `--lrs-of NAME:LR,LR,...` entries;
+    NAME is one of `names` (the --optimizers entries), once each."""
+    grids = {}
+    for entry in entries or []:
+        name, colon, text = entry.partition(":")
+        if not colon or name not in names:
+            raise usage_error(
+                "lrs_of", f"NAME:LR,LR,... with NAME one of {names}", repr(entry)
+            )
+        if name in grids:
+            raise usage_error("lrs_of", "one entry per optimizer", repr(entry))
+        grids[name] = _parse_lrs(text, argument="lrs_of")
+    return grids
 
 
 def _largest_divisor_up_to(steps, limit):

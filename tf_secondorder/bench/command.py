@@ -10,6 +10,7 @@ from tf_secondorder.bench.arguments import (
     UsageError,
     check_bench_args,
     logical_strategy,
+    parse_lrs_of,
     usage_error,
 )
 
@@ -125,6 +126,14 @@ def register(subparsers):
         "for several",
     )
     b.add_argument(
+        "--lrs-of",
+        action="append",
+        metavar="OPTIMIZER:LR,LR,...",
+        help="an optimizer's own learning rates instead of --lrs, e.g. "
+        "muon:3e-3,1e-2,3e-2 (OPTIMIZER as named in --optimizers); repeat for "
+        "several",
+    )
+    b.add_argument(
         "--average-from",
         type=int,
         default=None,
@@ -159,6 +168,9 @@ def register(subparsers):
 def bench(args):
     """Runs `tf-secondorder bench`; invalid arguments raise UsageError."""
     names, lrs, steps, eval_every, note, (parsed, sources) = check_bench_args(args)
+    grids = parse_lrs_of(args.lrs_of, names)
+    if grids and args.batch_schedule is not None:
+        raise usage_error("lrs_of", "given without `batch_schedule`", args.lrs_of)
     if args.average_from is not None:
         if args.batch_schedule is not None:
             raise usage_error(
@@ -187,7 +199,10 @@ def bench(args):
     if note:
         print(f"tf-secondorder bench: {note}", flush=True)
     lrs = lrs if lrs is not None else list(task.lrs)
-    options.check_optimizers(names, lrs, parsed, sources, strategy)
+    for name in names:
+        options.check_optimizers(
+            [name], grids.get(name, lrs), parsed, sources, strategy
+        )
     if args.batch_schedule is not None:
         from tf_secondorder.bench import batch_schedules
 
@@ -206,7 +221,7 @@ def bench(args):
     # drifts of the machine touch every configuration alike.
     for repeat, seed in enumerate(seeds):
         for name in names:
-            for lr in lrs:
+            for lr in grids.get(name, lrs):
                 where = (
                     f" (repeat {repeat + 1}/{args.repeats}, seed {seed})"
                     if args.repeats > 1
