@@ -28,6 +28,21 @@ def first_local_replica(strategy, local_count):
     return task_id * local_count
 
 
+def from_local_replicas(strategy, make):
+    """A per-replica value whose k-th local replica holds `make(k, context)`,
+    built on that replica's device (cross-replica context; `context` is the
+    replica's `ValueContext`, whose `replica_id_in_sync_group` is global)."""
+    devices = strategy.extended.worker_devices
+    position = iter(range(len(devices)))
+
+    def local_value(context):
+        k = next(position)
+        with tf.device(devices[k]):
+            return make(k, context)
+
+    return strategy.experimental_distribute_values_from_function(local_value)
+
+
 def is_mirrored(variable):
     """False for sync-on-read variables (per-replica state and counters)."""
     value = getattr(variable, "value", variable)

@@ -3,9 +3,9 @@
     tfso.Shampoo(compression="qsgd")
     tfso.distributed(keras.optimizers.Adam(), compression=tfso.compression.TopK(0.001))
 
-Codecs (`Compressor` subclasses) are pure tensor maths: encode a float32
-tensor into collective-safe wire tensors and decode it back. PowerSGD is a
-two-round scheme with its own protocol.
+One-round compressors (`Compressor` subclasses) are pure tensor maths:
+encode a float32 tensor into collective-safe wire tensors and decode it
+back. PowerSGD is a two-round compressor with its own aggregator.
 """
 
 from tf_secondorder.compression.casts import BFloat16, Float16

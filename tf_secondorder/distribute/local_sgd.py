@@ -44,8 +44,14 @@ an outer step there). A custom `strategy.run` loop calls
 import tensorflow as tf
 
 from tf_secondorder.compat import optimizer_step
-from tf_secondorder.compat.replica_state import component_values, first_local_replica
+from tf_secondorder.compat.replica_state import (
+    component_values,
+    first_local_replica,
+    from_local_replicas,
+)
 from tf_secondorder.compression import packing
+from tf_secondorder.distribute.error_feedback import compensate
+from tf_secondorder.distribute.seeds import replica_seed
 
 
 class LocalSGD:
@@ -57,12 +63,12 @@ class LocalSGD:
     per-replica pseudo-gradient memories.
     """
 
-    def __init__(self, every, warmup_steps, outer_optimizer=None, codec=None):
+    def __init__(self, every, warmup_steps, outer_optimizer=None, compressor=None):
         self.every = every
         self.warmup_steps = warmup_steps
         self.outer_optimizer = outer_optimizer
-        self.codec = codec
-        self.anchored = outer_optimizer is not None or codec is not None
+        self.compressor = compressor
+        self.anchored = outer_optimizer is not None or compressor is not None
         self.steps_since_average = None
         self.anchors = []
         self.memories = []
@@ -79,7 +85,7 @@ class LocalSGD:
         if not self.anchored:
             return
         self.anchors = [state.mirrored_copy(w, "anchor") for w in self._weights]
-        if self.codec is not None:
+        if self.compressor is not None:
             self.memories = [
                 state.per_replica(w, "pseudo_gradient_feedback", tuple(w.shape))
                 for w in self._weights
@@ -129,7 +135,7 @@ class LocalSGD:
             [a - w for a, w in zip(component_values(anchor), component_values(weight))]
             for anchor, weight in zip(self.anchors, self._weights)
         ]
-        if self.codec is None:
+        if self.compressor is None:
             mean, rounds, nbytes = _mean_over_replicas(distribution, deltas)
         else:
             mean, rounds, nbytes = self._compressed_mean(distribution, deltas, step)
@@ -144,42 +150,42 @@ class LocalSGD:
             weight.assign(anchor)
         return rounds, nbytes
 
-    def _compressed_mean(self, distribution, deltas, step):
+    def _compressed_mean(self, strategy, deltas, step):
         """Each replica encodes Δ_i + e_i on its device (error feedback kept
         per replica); the codes are gathered as int32 words and decoded."""
-        codec = self.codec
-        devices = distribution.extended.worker_devices
-        first = first_local_replica(distribution, len(devices))
+        compressor = self.compressor
+        first = first_local_replica(strategy, len(strategy.extended.worker_devices))
+        n = strategy.num_replicas_in_sync
         shapes = [tuple(w.shape) for w in self._weights]
-        buffers, sizes = [], None
-        for k, device in enumerate(devices):
-            with tf.device(device):
-                words = []
-                for i, (delta, memory) in enumerate(zip(deltas, self.memories)):
-                    own = component_values(memory)[k]
-                    value = delta[k] + own
-                    seed = _seed(i, step, first + k, distribution.num_replicas_in_sync)
-                    wire = codec.encode(value, seed)
-                    own.assign(value - codec.decode(wire, shapes[i], seed))
-                    words.extend(packing.to_words(w) for w in wire)
-                sizes = [int(w.shape[0]) for w in words]
-                buffers.append(tf.concat(words, 0))
-        local = iter(range(len(devices)))
-        per_replica = distribution.experimental_distribute_values_from_function(
-            lambda context: buffers[next(local)]
-        )
-        gathered = tf.reshape(
-            distribution.gather(per_replica, axis=0), [-1, sum(sizes)]
-        )
-        n = distribution.num_replicas_in_sync
-        specs = [codec.wire_specs(shape) for shape in shapes]
+        sizes = []
+
+        def encode(k, context):
+            seeds = [replica_seed(i, step, first + k, n) for i in range(len(shapes))]
+
+            def send(values):
+                wires = [compressor.encode(v, s) for v, s in zip(values, seeds)]
+                return wires, [
+                    compressor.decode(w, shape, s)
+                    for w, shape, s in zip(wires, shapes, seeds)
+                ]
+
+            own = [component_values(memory)[k] for memory in self.memories]
+            wires, residuals = compensate(send, [d[k] for d in deltas], own)
+            for memory, residual in zip(own, residuals):
+                memory.assign(residual)
+            words = [packing.to_words(w) for wire in wires for w in wire]
+            sizes[:] = [int(w.shape[0]) for w in words]
+            return tf.concat(words, 0)
+
+        per_replica = from_local_replicas(strategy, encode)
+        gathered = tf.reshape(strategy.gather(per_replica, axis=0), [-1, sum(sizes)])
+        specs = [compressor.wire_specs(shape) for shape in shapes]
         total = [tf.zeros(shape) for shape in shapes]
         for r in range(n):
             pieces = iter(tf.split(gathered[r], sizes))
             for i, (shape, spec) in enumerate(zip(shapes, specs)):
                 wire = [packing.from_words(next(pieces), s, d) for s, d in spec]
-                seed = _seed(i, step, r, n)
-                total[i] += codec.decode(wire, shape, seed)
+                total[i] += compressor.decode(wire, shape, replica_seed(i, step, r, n))
         mean = [t / n for t in total]
         return mean, 1, sum(sizes) * 4
 
@@ -200,26 +206,16 @@ class LocalSGD:
             self._eager_average()
 
 
-def _seed(index, step, replica, num_replicas):
-    """A codec's seed for variable `index` of global replica `replica`."""
-    stream = tf.cast(step, tf.int64) * num_replicas + replica
-    return tf.stack([tf.constant(index, tf.int64), stream])
-
-
-def _mean_over_replicas(distribution, per_replica_tensors):
+def _mean_over_replicas(strategy, per_replica_tensors):
     """(1/N) Σ_r of local per-replica tensors (lists by local replica), one
     float32 all-reduce; returns (means, rounds, bytes)."""
-    devices = distribution.extended.worker_devices
     sizes = [int(t[0].shape.num_elements()) for t in per_replica_tensors]
-    position = iter(range(len(devices)))
 
-    def local_buffer(context):
-        k = next(position)
-        with tf.device(devices[k]):
-            return tf.concat([tf.reshape(t[k], [-1]) for t in per_replica_tensors], 0)
+    def local_buffer(k, context):
+        return tf.concat([tf.reshape(t[k], [-1]) for t in per_replica_tensors], 0)
 
-    values = distribution.experimental_distribute_values_from_function(local_buffer)
-    mean = distribution.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
+    values = from_local_replicas(strategy, local_buffer)
+    mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
     pieces = tf.split(mean, sizes)
     means = [tf.reshape(p, t[0].shape) for p, t in zip(pieces, per_replica_tensors)]
     return means, 1, 4 * sum(sizes)
@@ -235,16 +231,11 @@ def average_across_replicas(distribution, variables):
     for group in by_dtype.values():
         components = [component_values(v) for v in group]
         sizes = [int(v.shape.num_elements()) for v in group]
-        position = iter(range(len(components[0])))
 
-        def local_buffer(context, components=components, position=position):
-            k = next(position)
-            with tf.device(components[0][k].device):
-                return tf.concat([tf.reshape(c[k], [-1]) for c in components], 0)
+        def local_buffer(k, context, components=components):
+            return tf.concat([tf.reshape(c[k], [-1]) for c in components], 0)
 
-        per_replica = distribution.experimental_distribute_values_from_function(
-            local_buffer
-        )
+        per_replica = from_local_replicas(distribution, local_buffer)
         mean = distribution.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
         for variable, piece in zip(group, tf.split(mean, sizes)):
             variable.assign(tf.reshape(piece, variable.shape))

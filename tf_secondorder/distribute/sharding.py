@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_secondorder import validation
+from tf_secondorder.compat.replica_state import from_local_replicas
 from tf_secondorder.compression import packing
 
 
@@ -85,26 +86,21 @@ def run_sharded(distribution, shares, specs, compute):
     used = [sum(sum(words[i]) for i in share) for share in shares]
     # Equal lengths for the gather; the failure count goes last.
     length = max(used) + 1
-    devices = distribution.extended.worker_devices
-    local = iter(range(len(devices)))
 
-    def share_buffer(context):
+    def share_buffer(k, context):
         replica = context.replica_id_in_sync_group
         share = shares[replica]
-        with tf.device(devices[next(local)]):
-            results, failures = compute(share) if share else ({}, 0)
-            pieces = [
-                packing.to_words(tf.cast(tensor, dtype))
-                for item in share
-                for tensor, (_, dtype) in zip(results[item], specs[item])
-            ]
-            pieces.append(tf.zeros([length - 1 - used[replica]], tf.int32))
-            pieces.append(tf.reshape(tf.cast(failures, tf.int32), [1]))
-            return tf.concat(pieces, axis=0)
+        results, failures = compute(share) if share else ({}, 0)
+        pieces = [
+            packing.to_words(tf.cast(tensor, dtype))
+            for item in share
+            for tensor, (_, dtype) in zip(results[item], specs[item])
+        ]
+        pieces.append(tf.zeros([length - 1 - used[replica]], tf.int32))
+        pieces.append(tf.reshape(tf.cast(failures, tf.int32), [1]))
+        return tf.concat(pieces, axis=0)
 
-    per_replica = distribution.experimental_distribute_values_from_function(
-        share_buffer
-    )
+    per_replica = from_local_replicas(distribution, share_buffer)
     gathered = tf.reshape(distribution.gather(per_replica, axis=0), [-1, length])
     results = {}
     for replica, share in enumerate(shares):

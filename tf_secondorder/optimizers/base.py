@@ -33,8 +33,19 @@ class CommunicatingOptimizer(KerasStepHooks):
     # Communication options a subclass defaults differently (SignSGD votes).
     communication_defaults = {}
 
-    def __init__(self, *args, **kwargs):
-        config = CommunicationConfig.pop_from(kwargs, **self.communication_defaults)
+    def __init__(
+        self, *args, communication_constraints=(), when_compressed=None, **kwargs
+    ):
+        """`communication_constraints`: `distribute.config.Constraint`s, the
+        communication options the subclass's own arguments rule out;
+        `when_compressed`: options it sets itself when something is
+        compressed (both checked with the rest by `CommunicationConfig`)."""
+        config = CommunicationConfig.pop_from(
+            kwargs,
+            communication_constraints,
+            when_compressed,
+            **self.communication_defaults,
+        )
         super().__init__(*args, **kwargs)
         self.communication = config
         self.communicator = Communicator(config)

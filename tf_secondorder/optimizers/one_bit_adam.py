@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.compression import ScaledSign
+from tf_secondorder.distribute.config import Constraint
 from tf_secondorder.optimizers.base import CommunicatingOptimizer
 
 
@@ -112,27 +113,18 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
                 "variance_update_every", variance_update_every, 1, optional=True
             ),
         }
-        if kwargs.get("compression_warmup_steps"):
-            validation.fail(
+        constraints = (
+            Constraint(
+                "compression_warmup_steps",
                 "compression_warmup_steps",
                 "left to `freeze_step` (OneBitAdam compresses after it)",
-                kwargs["compression_warmup_steps"],
-            )
-        if kwargs.get("average_every") is not None:
-            validation.fail(
+            ),
+            Constraint(
+                "average_every",
                 "average_every",
                 "None (OneBitAdam exchanges the momentum every step)",
-                kwargs["average_every"],
-            )
-        compression = kwargs.get(
-            "compression", self.communication_defaults["compression"]
+            ),
         )
-        if compression is not None:
-            kwargs["compression_warmup_steps"] = options["freeze_step"]
-            kwargs["full_precision_every"] = options["variance_update_every"]
-        else:
-            # Uncompressed momenta are simply all-reduced.
-            kwargs.setdefault("aggregation", "mean")
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -145,6 +137,12 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
             ema_overwrite_frequency=ema_overwrite_frequency,
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            communication_constraints=constraints,
+            # Uncompressed momenta are simply all-reduced: no stages.
+            when_compressed={
+                "compression_warmup_steps": options["freeze_step"],
+                "full_precision_every": options["variance_update_every"],
+            },
             **kwargs,
         )
         for key, value in options.items():
