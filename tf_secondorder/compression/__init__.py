@@ -9,7 +9,7 @@ back. PowerSGD is a two-round compressor with its own aggregator.
 """
 
 from tf_secondorder.compression.casts import BFloat16, Float16
-from tf_secondorder.compression.codec import Compressor, get, names
+from tf_secondorder.compression.compressor import Compressor, get, names
 from tf_secondorder.compression.low_rank import PowerSGD
 from tf_secondorder.compression.quantizers import QSGD, Int4, Int8, Natural, TernGrad
 from tf_secondorder.compression.signs import ScaledSign, Sign

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.compression.codec import (
+from tf_secondorder.compression.compressor import (
     num_elements,
     register,
     register_multi_round,

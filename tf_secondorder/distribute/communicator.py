@@ -132,8 +132,8 @@ class Communicator:
         if self.saddle is not None:
             self.saddle.build(state)
 
-    def averages_locally(self, distribution):
-        return self.local_sgd is not None and distribution.num_replicas_in_sync > 1
+    def averages_locally(self, strategy):
+        return self.local_sgd is not None and strategy.num_replicas_in_sync > 1
 
     # -- replica context -------------------------------------------------------
 
@@ -227,10 +227,10 @@ class Communicator:
 
     # -- cross-replica context -------------------------------------------------
 
-    def step(self, distribution, grads_and_vars, update, iterations):
+    def step(self, strategy, grads_and_vars, update, iterations):
         """Runs the step's pieces in the order of the module docstring."""
         step = tf.cast(iterations, tf.int32) + 1
-        local = self.averages_locally(distribution)
+        local = self.averages_locally(strategy)
         warmup = self.config.compression_warmup_steps
         # Reduced gradients are equal on every replica; local-SGD ones (and
         # those of the compression warm-up) are not, and one replica's NaN
@@ -240,22 +240,22 @@ class Communicator:
             [
                 _dense(value)
                 for grad, _ in grads_and_vars
-                for value in distribution.experimental_local_results(grad)[replicas]
+                for value in strategy.experimental_local_results(grad)[replicas]
             ]
         )
 
         def run():
             norm = None
             if self.saddle is not None:
-                norm = self.saddle.gradient_norm(distribution, grads_and_vars)
+                norm = self.saddle.gradient_norm(strategy, grads_and_vars)
             if local:
                 self.local_sgd.step(
-                    distribution, grads_and_vars, update, step, self.counters
+                    strategy, grads_and_vars, update, step, self.counters
                 )
-            elif warmup and distribution.num_replicas_in_sync > 1:
+            elif warmup and strategy.num_replicas_in_sync > 1:
                 tf.cond(
                     self.config.full_precision_step(step),
-                    lambda: self._full_precision(distribution, grads_and_vars, update),
+                    lambda: self._full_precision(strategy, grads_and_vars, update),
                     lambda: update(grads_and_vars),
                 )
             else:
@@ -270,10 +270,10 @@ class Communicator:
 
         tf.cond(finite, run, skip)
 
-    def _full_precision(self, distribution, grads_and_vars, update):
+    def _full_precision(self, strategy, grads_and_vars, update):
         """The compression warm-up: one float32 all-reduce of each replica's
         own gradient, then the update."""
-        reduced = distribution.extended.batch_reduce_to(
+        reduced = strategy.extended.batch_reduce_to(
             tf.distribute.ReduceOp.MEAN, grads_and_vars
         )
         self.counters.add(1, self.float32_bytes)

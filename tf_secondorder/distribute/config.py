@@ -6,7 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.compression import codec as compressors
+from tf_secondorder.compression import compressor as compressors
 from tf_secondorder.distribute import saddle
 
 AGGREGATIONS = ("mean", "majority_vote", "bidirectional")

@@ -15,7 +15,7 @@ for the model's trainable weights and the optimizer's floating-point state
 that is the same kind of thing on every replica (moments, Shampoo statistics
 and roots, EMA weights): after an average every replica holds the same
 state, so a checkpoint written then resumes exactly. Averaging the slots was
-also the better choice when measured (docs/benchmarks.md, "Local SGD").
+also the better choice when measured (docs/benchmarks.md, "Local SGD and DiLoCo").
 State only meaningful on the replica that made it is left alone: an
 optimizer lists it in `replica_specific_variables()` (SOAP's eigenbases and
 the second moments kept in them).
@@ -93,7 +93,7 @@ class LocalSGD:
         if self.outer_optimizer is not None:
             state.build_inner(self.outer_optimizer, self.anchors)
 
-    def step(self, distribution, grads_and_vars, update, step, counters):
+    def step(self, strategy, grads_and_vars, update, step, counters):
         """One step: synchronous during the warm-up, else local, then the
         average when due. `grads_and_vars` hold each replica's own gradient."""
         t = step - 1
@@ -105,7 +105,7 @@ class LocalSGD:
         if self.warmup_steps:
 
             def synchronous():
-                reduced = distribution.extended.batch_reduce_to(
+                reduced = strategy.extended.batch_reduce_to(
                     tf.distribute.ReduceOp.MEAN, grads_and_vars
                 )
                 variables = [v for _, v in grads_and_vars]
@@ -119,32 +119,32 @@ class LocalSGD:
         else:
             local()
         due = (t >= self.warmup_steps) & ((t + 1 - self.warmup_steps) % self.every == 0)
-        tf.cond(due, lambda: self.average(distribution, counters, step), lambda: None)
+        tf.cond(due, lambda: self.average(strategy, counters, step), lambda: None)
 
-    def average(self, distribution, counters, step):
+    def average(self, strategy, counters, step):
         if self.anchored:
-            rounds, nbytes = self._outer_step(distribution, step)
+            rounds, nbytes = self._outer_step(strategy, step)
         else:
-            rounds, nbytes = average_across_replicas(distribution, self._averaged())
+            rounds, nbytes = average_across_replicas(strategy, self._averaged())
         self.steps_since_average.assign(0)
         counters.record(rounds, nbytes)
 
-    def _outer_step(self, distribution, step):
+    def _outer_step(self, strategy, step):
         """The pseudo-gradients' mean, the outer step, every replica to x₀."""
         deltas = [
             [a - w for a, w in zip(component_values(anchor), component_values(weight))]
             for anchor, weight in zip(self.anchors, self._weights)
         ]
         if self.compressor is None:
-            mean, rounds, nbytes = _mean_over_replicas(distribution, deltas)
+            mean, rounds, nbytes = _mean_over_replicas(strategy, deltas)
         else:
-            mean, rounds, nbytes = self._compressed_mean(distribution, deltas, step)
+            mean, rounds, nbytes = self._compressed_mean(strategy, deltas, step)
         if self.outer_optimizer is None:
             for anchor, delta in zip(self.anchors, mean):
                 anchor.assign_sub(delta)
         else:
             optimizer_step.apply_in_cross_replica_context(
-                self.outer_optimizer, distribution, list(zip(mean, self.anchors))
+                self.outer_optimizer, strategy, list(zip(mean, self.anchors))
             )
         for anchor, weight in zip(self.anchors, self._weights):
             weight.assign(anchor)
@@ -193,16 +193,16 @@ class LocalSGD:
         """Whether local steps ran since the last average (eager)."""
         return int(self.steps_since_average.numpy()) > 0
 
-    def average_now(self, distribution, counters, iterations):
+    def average_now(self, strategy, counters, iterations):
         """Averages now, outside `tf.function`; a collective, so every worker
         must call it at the same point."""
         if self._eager_average is None:
             self._eager_average = tf.function(
                 lambda: self.average(
-                    distribution, counters, tf.cast(iterations, tf.int32) + 1
+                    strategy, counters, tf.cast(iterations, tf.int32) + 1
                 )
             )
-        with distribution.scope():
+        with strategy.scope():
             self._eager_average()
 
 
@@ -221,7 +221,7 @@ def _mean_over_replicas(strategy, per_replica_tensors):
     return means, 1, 4 * sum(sizes)
 
 
-def average_across_replicas(distribution, variables):
+def average_across_replicas(strategy, variables):
     """Replaces each mirrored variable's replicas by their mean (cross-replica
     context). One all-reduce per dtype; returns (rounds, bytes per replica)."""
     by_dtype = {}
@@ -235,8 +235,8 @@ def average_across_replicas(distribution, variables):
         def local_buffer(k, context, components=components):
             return tf.concat([tf.reshape(c[k], [-1]) for c in components], 0)
 
-        per_replica = from_local_replicas(distribution, local_buffer)
-        mean = distribution.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+        per_replica = from_local_replicas(strategy, local_buffer)
+        mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
         for variable, piece in zip(group, tf.split(mean, sizes)):
             variable.assign(tf.reshape(piece, variable.shape))
         rounds += 1

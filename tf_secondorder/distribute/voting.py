@@ -55,7 +55,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.compression import packing
-from tf_secondorder.compression.codec import num_elements
+from tf_secondorder.compression.compressor import num_elements
 from tf_secondorder.compression.signs import Sign
 from tf_secondorder.distribute.aggregators import GatherMean
 

@@ -33,8 +33,9 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
     Every `variance_update_every` = K steps after T, one step is again
     all-reduced in full precision and updates v (as K steps of decay,
     β2^K, so s grows by K): on a run whose gradient scale drifts, a variance
-    frozen for good leaves late steps too large or too small (measured: 1.8x
-    Adam's final loss without it, below Adam's with K = 128).
+    frozen for good leaves late steps too large or too small, which the
+    occasional update corrects (docs/benchmarks.md, "1-bit Adam / COMP-AMS",
+    has the losses with and without it).
 
     With the variance frozen, Adam's update is linear in the momentum, so
     error feedback on the momentum converges as it does for momentum SGD;
@@ -72,12 +73,11 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
         - Kingma, Ba (2015). Adam: A Method for Stochastic Optimization.
     """
 
-    # Measured on the digits autoencoder, 2 replicas, 2000 steps (docs/
-    # benchmarks.md, "1-bit Adam"): block signs (a scale per 256) end below
-    # uncompressed Adam; one scale per tensor ends 2x above it. The gathered
-    # mean hands each replica's d bits to the collective where the
-    # bidirectional exchange hands d·(1 + 1/N): under 1/16 of float32 over
-    # the run only with the former at 2-4 replicas.
+    # Block signs (a scale per 256) keep the per-block magnitudes that one
+    # scale per tensor flattens, which the momentum needs. The gathered mean
+    # hands each replica's d bits to the collective where the bidirectional
+    # exchange hands d·(1 + 1/N), so at a few replicas it sends fewer bytes.
+    # docs/benchmarks.md ("1-bit Adam / COMP-AMS") has the numbers.
     communication_defaults = {
         "compression": ScaledSign(bucket_size=256),
         "aggregation": "mean",

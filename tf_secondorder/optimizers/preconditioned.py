@@ -231,7 +231,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     # -- the update of all variables (cross-replica context) ---------------
 
-    def update_variables(self, distribution, grads_and_vars, learning_rate):
+    def update_variables(self, strategy, grads_and_vars, learning_rate):
         """Statistics, then (on refresh steps) the refresh, then every variable.
 
         The per-step work runs once per replica inside `extended.update`,
@@ -249,7 +249,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             anchor = anchor.value
 
         def on_each_replica(fn):
-            distribution.extended.update(
+            strategy.extended.update(
                 anchor,
                 _plain_python(lambda _, own: fn(static_shapes(own, variables))),
                 args=(grads,),
@@ -269,7 +269,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 update_statistics,
                 no_op,
             )
-        self._root_refresh.in_step(distribution, number)
+        self._root_refresh.in_step(strategy, number)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
 
     def update_all(self, grads, variables, learning_rate):
