@@ -3,7 +3,7 @@
 Error-feedback memories and Signum momenta hold one value per replica. TF's
 sync-on-read variables do that, but a checkpoint of one stores the sum over
 replicas; ``ReplicaLocalVariable`` stores every replica's own value instead
-and restores it. ``save_per_replica`` / ``load_per_replica`` do the same for
+and restores it. ``save_per_replica`` / ``split_per_replica`` do the same for
 Keras's ``.keras`` / ``.weights.h5`` files, which go through the optimizer's
 ``save_own_variables`` / ``load_own_variables``.
 """
