@@ -6,9 +6,9 @@ with a 10 s heartbeat timeout, unless one is configured already. Over a
 slow shared link, where one float32 all-reduce of a large model's gradients
 takes longer than that (docs/benchmarks.md, "Multi-worker on a rate-limited
 network", has the times), a worker's heartbeats queue behind the gradients,
-the leader declares it dead and every worker aborts ("The following tasks are unhealthy (stopped sending
-heartbeats)"). The same configuration with a longer timeout, set first,
-avoids it.
+the leader declares it dead and every worker aborts ("The following tasks
+are unhealthy (stopped sending heartbeats)"). The same configuration with a
+longer timeout, set first, avoids it.
 """
 
 from tf_secondorder.compat import testing

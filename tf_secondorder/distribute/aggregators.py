@@ -21,7 +21,8 @@ aggregator keeps between steps is created in `build` and assigned through
 
 A compressor of more than one round (`rounds > 1`, PowerSGD) is served by
 the aggregator registered for its class with `@serves(...)`; the others by
-the aggregator `aggregation` names (docs/architecture.md, "Where to add a compressor or an aggregator").
+the aggregator `aggregation` names (docs/architecture.md, "Where to add a
+compressor or an aggregator").
 """
 
 import functools

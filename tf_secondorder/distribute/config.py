@@ -51,8 +51,9 @@ class CommunicationConfig:
             the weights' change since the last average (DiLoCo); `None`:
             plain averaging.
         average_compression: with `average_every`, a one-round compressor
-            (name or instance, e.g. `"fp16"`, `"int8"`) for the pseudo-gradients, with
-            a per-replica error-feedback memory of its own.
+            (name or instance, e.g. `"fp16"`, `"int8"`) for the
+            pseudo-gradients, with a per-replica error-feedback memory of
+            its own.
     """
 
     compression: object = None

@@ -15,7 +15,8 @@ for the model's trainable weights and the optimizer's floating-point state
 that is the same kind of thing on every replica (moments, Shampoo statistics
 and roots, EMA weights): after an average every replica holds the same
 state, so a checkpoint written then resumes exactly. Averaging the slots was
-also the better choice when measured (docs/benchmarks.md, "Local SGD and DiLoCo").
+also the better choice when measured (docs/benchmarks.md, "Local SGD every
+I steps").
 State only meaningful on the replica that made it is left alone: an
 optimizer lists it in `replica_specific_variables()` (SOAP's eigenbases and
 the second moments kept in them).
