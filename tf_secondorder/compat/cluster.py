@@ -3,12 +3,12 @@ strategy does it with TensorFlow's defaults.
 
 MultiWorkerMirroredStrategy configures TF's coordination service itself,
 with a 10 s heartbeat timeout, unless one is configured already. Over a
-slow shared link (4 workers behind 100 Mbit/s, float32 gradients of 8.5 M
-parameters: ~16 s per all-reduce) a worker's heartbeats queue behind the
-gradients for longer than that, the leader declares it dead and every
-worker aborts ("The following tasks are unhealthy (stopped sending
-heartbeats)"). The same configuration with a longer timeout, set first,
-avoids it.
+slow shared link, where one float32 all-reduce of a large model's gradients
+takes longer than that (docs/benchmarks.md, "Multi-worker on a rate-limited
+network", has the times), a worker's heartbeats queue behind the gradients,
+the leader declares it dead and every worker aborts ("The following tasks
+are unhealthy (stopped sending heartbeats)"). The same configuration with a
+longer timeout, set first, avoids it.
 """
 
 from tf_secondorder.compat import testing

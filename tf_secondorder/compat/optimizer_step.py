@@ -16,7 +16,7 @@ methods of its own:
 
 - ``reduce_gradients(grads_and_vars)`` in replica context, instead of Keras's
   all-reduce SUM (the loss is pre-scaled by 1/replicas, so the sum is the mean);
-- ``apply_reduced_gradients(distribution, grads_and_vars, learning_rate)`` in
+- ``apply_reduced_gradients(strategy, grads_and_vars, learning_rate)`` in
   cross-replica context, once per step, instead of Keras's per-variable loop.
 
 Decoupled weight decay and the EMA update move inside that step so that a
@@ -26,7 +26,7 @@ apply the decay before the reduction and update the EMA after it.
 subclass Keras's own behaviour to call.
 
 If a Keras upgrade renames or stops calling a hooked method, the tests in
-``tests/compat/test_optimizer_step.py`` fail (see ``compat.testing``).
+``tests/compat/test_keras_hooks.py`` fail (see ``compat.testing``).
 """
 
 import keras
@@ -57,9 +57,9 @@ class KerasStepHooks:
     def reduce_gradients(self, grads_and_vars):
         return self.keras_sum(grads_and_vars)
 
-    def apply_reduced_gradients(self, distribution, grads_and_vars, learning_rate):
-        self.keras_weight_decay(distribution, [v for _, v in grads_and_vars])
-        self.keras_update_variables(distribution, grads_and_vars, learning_rate)
+    def apply_reduced_gradients(self, strategy, grads_and_vars, learning_rate):
+        self.keras_weight_decay(strategy, [v for _, v in grads_and_vars])
+        self.keras_update_variables(strategy, grads_and_vars, learning_rate)
 
     def step_was_skipped(self):
         """Scalar bool tensor: whether this step's update was skipped (read in
@@ -72,13 +72,13 @@ class KerasStepHooks:
         """Keras's all-reduce SUM of the gradients (replica context)."""
         return super()._all_reduce_sum_gradients(grads_and_vars)
 
-    def keras_update_variables(self, distribution, grads_and_vars, learning_rate):
+    def keras_update_variables(self, strategy, grads_and_vars, learning_rate):
         """``update_step`` for each variable on each replica (cross-replica)."""
         return super()._distributed_tf_update_step(
-            distribution, grads_and_vars, learning_rate
+            strategy, grads_and_vars, learning_rate
         )
 
-    def keras_weight_decay(self, distribution, variables):
+    def keras_weight_decay(self, strategy, variables):
         """The optimizer class's decoupled weight decay (cross-replica context).
 
         TFOptimizer's own only wraps BaseOptimizer's arithmetic in a
@@ -104,7 +104,7 @@ class KerasStepHooks:
             variable = (
                 variable.value if isinstance(variable, keras.Variable) else variable
             )
-            distribution.extended.update(
+            strategy.extended.update(
                 variable,
                 tf.autograph.experimental.do_not_convert(lambda v: decay(self, [v])),
                 group=False,
@@ -116,10 +116,10 @@ class KerasStepHooks:
         testing.record("reduce")
         return self.reduce_gradients(list(grads_and_vars))
 
-    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+    def _distributed_tf_update_step(self, strategy, grads_and_vars, learning_rate):
         testing.record("update")
         grads_and_vars = [(g, v) for g, v in grads_and_vars if g is not None]
-        return self.apply_reduced_gradients(distribution, grads_and_vars, learning_rate)
+        return self.apply_reduced_gradients(strategy, grads_and_vars, learning_rate)
 
     def _apply_weight_decay(self, variables):
         # Deferred into `apply_reduced_gradients` (see the module docstring).
@@ -148,7 +148,7 @@ def _own_weight_decay(cls):
     return BaseOptimizer._apply_weight_decay
 
 
-def apply_in_cross_replica_context(optimizer, distribution, grads_and_vars):
+def apply_in_cross_replica_context(optimizer, strategy, grads_and_vars):
     """One step of a plain Keras `optimizer` (built on the variables) from
     cross-replica context, where Keras's `apply` cannot run (it needs a
     replica context for its merge_call): Keras's per-variable update on each
@@ -157,6 +157,6 @@ def apply_in_cross_replica_context(optimizer, distribution, grads_and_vars):
         (g, v.value if isinstance(v, keras.Variable) else v) for g, v in grads_and_vars
     ]
     TFOptimizer._distributed_tf_update_step(
-        optimizer, distribution, grads_and_vars, optimizer.learning_rate
+        optimizer, strategy, grads_and_vars, optimizer.learning_rate
     )
     optimizer.iterations.assign_add(1)

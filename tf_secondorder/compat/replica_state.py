@@ -3,7 +3,7 @@
 Error-feedback memories and Signum momenta hold one value per replica. TF's
 sync-on-read variables do that, but a checkpoint of one stores the sum over
 replicas; ``ReplicaLocalVariable`` stores every replica's own value instead
-and restores it. ``save_per_replica`` / ``load_per_replica`` do the same for
+and restores it. ``save_per_replica`` / ``split_per_replica`` do the same for
 Keras's ``.keras`` / ``.weights.h5`` files, which go through the optimizer's
 ``save_own_variables`` / ``load_own_variables``.
 """
@@ -26,6 +26,21 @@ def first_local_replica(strategy, local_count):
     resolver = getattr(strategy, "cluster_resolver", None)
     task_id = getattr(resolver, "task_id", None) or 0
     return task_id * local_count
+
+
+def from_local_replicas(strategy, make):
+    """A per-replica value whose k-th local replica holds `make(k, context)`,
+    built on that replica's device (cross-replica context; `context` is the
+    replica's `ValueContext`, whose `replica_id_in_sync_group` is global)."""
+    devices = strategy.extended.worker_devices
+    position = iter(range(len(devices)))
+
+    def local_value(context):
+        k = next(position)
+        with tf.device(devices[k]):
+            return make(k, context)
+
+    return strategy.experimental_distribute_values_from_function(local_value)
 
 
 def is_mirrored(variable):

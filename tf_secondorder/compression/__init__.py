@@ -3,13 +3,13 @@
     tfso.Shampoo(compression="qsgd")
     tfso.distributed(keras.optimizers.Adam(), compression=tfso.compression.TopK(0.001))
 
-Codecs (`Compressor` subclasses) are pure tensor maths: encode a float32
-tensor into collective-safe wire tensors and decode it back. PowerSGD is a
-two-round scheme with its own protocol.
+One-round compressors (`Compressor` subclasses) are pure tensor maths:
+encode a float32 tensor into collective-safe wire tensors and decode it
+back. PowerSGD is a two-round compressor with its own aggregator.
 """
 
 from tf_secondorder.compression.casts import BFloat16, Float16
-from tf_secondorder.compression.codec import Compressor, get, names
+from tf_secondorder.compression.compressor import Compressor, get, names
 from tf_secondorder.compression.low_rank import PowerSGD
 from tf_secondorder.compression.quantizers import QSGD, Int4, Int8, Natural, TernGrad
 from tf_secondorder.compression.signs import ScaledSign, Sign

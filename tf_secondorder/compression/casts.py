@@ -2,7 +2,7 @@
 
 import tensorflow as tf
 
-from tf_secondorder.compression.codec import Compressor, register
+from tf_secondorder.compression.compressor import Compressor, register
 
 
 @register("fp16")
@@ -33,7 +33,7 @@ class Float16(Compressor):
 class BFloat16(Float16):
     """Cast to bfloat16 (8 mantissa bits, float32's range).
 
-    Collectives on CPU gather no bfloat16 (only all-reduce it), so protocols
+    Collectives on CPU gather no bfloat16 (only all-reduce it), so aggregators
     that gather wires reject it.
     """
 

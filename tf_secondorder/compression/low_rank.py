@@ -1,19 +1,23 @@
 """PowerSGD's low-rank maths (Vogels, Karimireddy, Jaggi 2019).
 
-PowerSGD is not a codec: its two factors are computed from sums over
-replicas, so it needs two rounds of communication in between (the protocol is
-`tf_secondorder.distribute.aggregators.PowerSGDMean`). This module holds its
-options and the pure tensor functions of each round.
+PowerSGD is a multi-round compressor: its two factors are computed from sums
+over replicas, so it needs two rounds of communication in between (its
+aggregator is `tf_secondorder.distribute.aggregators.PowerSGDMean`). This
+module holds its options and the pure tensor functions of each round.
 """
 
 import numpy as np
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.compression.codec import num_elements, register, register_scheme
+from tf_secondorder.compression.compressor import (
+    num_elements,
+    register,
+    register_multi_round,
+)
 
 
-@register_scheme
+@register_multi_round
 @register("powersgd")
 class PowerSGD:
     """Rank-r PowerSGD. Biased: error feedback is on by default.
@@ -33,6 +37,10 @@ class PowerSGD:
     error_feedback_default = True
     sign_based = False
     carries_magnitude = True
+    # Two all-reduces a step, each of a sum the next one needs: only its own
+    # aggregator (`PowerSGDMean`) can run it, and only as a mean.
+    rounds = 2
+    aggregations = ("mean",)
 
     def __init__(self, rank=4, seed=0):
         self.rank = validation.integer("rank", rank, 1)

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.compression import packing
-from tf_secondorder.compression.codec import Compressor, num_elements, register
+from tf_secondorder.compression.compressor import Compressor, num_elements, register
 
 
 def _uniform(shape, seed):

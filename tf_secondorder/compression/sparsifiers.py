@@ -4,7 +4,7 @@ import math
 
 import tensorflow as tf
 
-from tf_secondorder.compression.codec import (
+from tf_secondorder.compression.compressor import (
     Compressor,
     check_ratio,
     num_elements,

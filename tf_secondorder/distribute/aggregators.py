@@ -1,7 +1,7 @@
 """Aggregators: how replicas combine their tensors into one (replica context).
 
-An aggregator is a protocol over a `Channel`; the encoding is a codec's
-(`tf_secondorder.compression`). Every aggregator answers
+An aggregator runs collectives over a `Channel`; the encoding is a
+compressor's (`tf_secondorder.compression`). Every aggregator answers
 
     reduce(channel, inputs, keys, step) -> (aggregates, sent)
 
@@ -12,12 +12,17 @@ decodes to, which error feedback (`error_feedback.py`) subtracts. State an
 aggregator keeps between steps is created in `build` and assigned through
 `channel.commit`, so it does not advance on a skipped step.
 
-- `AllReduceMean`: a summable codec's wires are summed by one all-reduce.
-- `GatherMean`: any codec's wires are all-gathered and decoded locally.
+- `AllReduceMean`: a summable compressor's wires are summed by one all-reduce.
+- `GatherMean`: any compressor's wires are all-gathered and decoded locally.
 - `MajorityVote` (`voting.py`): the sign of the sum of the replicas' signs,
   all-gathered or tallied by shard owners.
 - `PowerSGDMean`: PowerSGD's two all-reduces with a warm-started factor.
 - `Bidirectional` (`bidirectional.py`): each replica serves 1/N of the mean.
+
+A compressor of more than one round (`rounds > 1`, PowerSGD) is served by
+the aggregator registered for its class with `@serves(...)`; the others by
+the aggregator `aggregation` names (docs/architecture.md, "Where to add a
+compressor or an aggregator").
 """
 
 import functools
@@ -25,67 +30,86 @@ import functools
 import tensorflow as tf
 
 from tf_secondorder.compression import low_rank
+from tf_secondorder.distribute.error_feedback import compensate
+from tf_secondorder.distribute.seeds import channel_seed
+
+_SERVED = {}
 
 
-def stream_seed(codec, channel, key, step):
-    """The codec's seed for tensor `key`: [key, stream], where the stream
-    mixes in the replica id unless every replica must draw alike."""
-    step = tf.cast(step, tf.int64)
-    if getattr(codec, "shared_randomness", False):
-        stream = step
-    else:
-        replica = tf.cast(channel.context.replica_id_in_sync_group, tf.int64)
-        stream = step * channel.num_replicas + replica
-    return tf.stack([tf.constant(key, tf.int64), stream])
+def serves(compressor_class):
+    """Class decorator: the aggregator `compressor_class` (and its
+    subclasses) always gets, whatever `aggregation` says; for multi-round
+    compressors, whose rounds only their own aggregator knows."""
+
+    def register(aggregator_class):
+        _SERVED[compressor_class] = aggregator_class
+        return aggregator_class
+
+    return register
+
+
+def served_by(compressor):
+    """The aggregator class registered for `compressor`'s class, or None."""
+    for cls in type(compressor).__mro__:
+        if cls in _SERVED:
+            return _SERVED[cls]
+    return None
 
 
 class Aggregator:
     """Base: no state."""
 
     def build(self, state, variables):
-        """Creates per-replica state through `state` (a `StateFactory`)."""
+        """Creates state through `state` (the optimizer's `OptimizerState`)."""
 
     def reduce(self, channel, inputs, keys, step):
         raise NotImplementedError
 
+    def reduce_with_memory(self, channel, inputs, memories, keys, step):
+        """`reduce` of inputs + memories, with the new memories (error
+        feedback, `error_feedback.compensate`)."""
+        return compensate(
+            lambda sums: self.reduce(channel, sums, keys, step), inputs, memories
+        )
+
 
 class OneRound(Aggregator):
     """Encode, one collective, decode. The local work before and after the
-    collective runs as two fused XLA computations when the codec allows: at
-    millions of parameters unfused elementwise ops cost more than the bytes
-    the codec saves on a 1 Gbit/s link."""
+    collective runs as two fused XLA computations when the compressor
+    allows: at millions of parameters each unfused elementwise pass over the
+    gradient costs more time than the bytes the compressor saves on a slow
+    link (docs/benchmarks.md has the measurements)."""
 
-    def __init__(self, codec):
-        self.codec = codec
+    def __init__(self, compressor):
+        self.compressor = compressor
 
     @functools.cached_property
     def _encode(self):
         return tf.function(
-            self.encode, jit_compile=self.codec.jit_compatible, autograph=False
+            self.encode, jit_compile=self.compressor.jit_compatible, autograph=False
         )
 
     @functools.cached_property
     def _encode_with_memory(self):
         def encode(inputs, memories, seeds):
-            sums = [x + e for x, e in zip(inputs, memories)]
-            wires, sent = self.encode(sums, seeds)
-            return wires, [p - s for p, s in zip(sums, sent)]
+            return compensate(lambda sums: self.encode(sums, seeds), inputs, memories)
 
         return tf.function(
-            encode, jit_compile=self.codec.jit_compatible, autograph=False
+            encode, jit_compile=self.compressor.jit_compatible, autograph=False
         )
 
     @functools.cached_property
     def _combine(self):
         return tf.function(
-            self.combine, jit_compile=self.codec.jit_compatible, autograph=False
+            self.combine, jit_compile=self.compressor.jit_compatible, autograph=False
         )
 
     def encode(self, inputs, seeds):
         """(wires, what each wire decodes to on this replica)."""
-        wires = [self.codec.encode(x, s) for x, s in zip(inputs, seeds)]
+        wires = [self.compressor.encode(x, s) for x, s in zip(inputs, seeds)]
         sent = [
-            self.codec.decode(w, x.shape, s) for w, x, s in zip(wires, inputs, seeds)
+            self.compressor.decode(w, x.shape, s)
+            for w, x, s in zip(wires, inputs, seeds)
         ]
         return wires, sent
 
@@ -96,16 +120,16 @@ class OneRound(Aggregator):
         raise NotImplementedError
 
     def reduce(self, channel, inputs, keys, step):
-        seeds = [stream_seed(self.codec, channel, k, step) for k in keys]
+        seeds = [channel_seed(self.compressor, channel, k, step) for k in keys]
         wires, sent = self._encode(inputs, seeds)
         return self._exchange_and_combine(channel, wires, inputs, seeds), sent
 
     def reduce_with_memory(self, channel, inputs, memories, keys, step):
         """`reduce` of inputs + memories, with the new memories: the addition,
-        the encoding and the residual in one fused computation (error
-        feedback's fast path; at millions of parameters each unfused pass
-        costs about what a 1-bit exchange does on 1 Gbit/s)."""
-        seeds = [stream_seed(self.codec, channel, k, step) for k in keys]
+        the encoding and the residual in one fused computation (at millions
+        of parameters each unfused pass costs about what a 1-bit exchange
+        does on a slow link)."""
+        seeds = [channel_seed(self.compressor, channel, k, step) for k in keys]
         wires, residuals = self._encode_with_memory(inputs, memories, seeds)
         return self._exchange_and_combine(channel, wires, inputs, seeds), residuals
 
@@ -123,7 +147,7 @@ class AllReduceMean(OneRound):
 
     def combine(self, received, shapes, seeds, num_replicas):
         return [
-            self.codec.decode(w, shape, s) / num_replicas
+            self.compressor.decode(w, shape, s) / num_replicas
             for w, shape, s in zip(received, shapes, seeds)
         ]
 
@@ -135,10 +159,10 @@ class GatherMean(OneRound):
         return channel.all_gather(wires)
 
     def decoded(self, wire, shape, seed, num_replicas):
-        # A replica's seed stream differs from this one's only when the codec
-        # draws per replica; those codecs decode without the seed.
+        # A replica's seed stream differs from this one's only when the
+        # compressor draws per replica; those decode without the seed.
         return [
-            self.codec.decode([w[r] for w in wire], shape, seed)
+            self.compressor.decode([w[r] for w in wire], shape, seed)
             for r in range(num_replicas)
         ]
 
@@ -149,6 +173,7 @@ class GatherMean(OneRound):
         ]
 
 
+@serves(low_rank.PowerSGD)
 class PowerSGDMean(Aggregator):
     """Rank-r PowerSGD: P = M·Q, all-reduce P, orthonormalise, Q = Mᵀ·P̂,
     all-reduce Q; the mean is P̂·Q_sumᵀ/N and this replica's own part P̂·Q_iᵀ.
@@ -157,14 +182,14 @@ class PowerSGDMean(Aggregator):
     start of the next step.
     """
 
-    def __init__(self, scheme):
-        self.scheme = scheme
+    def __init__(self, compressor):
+        self.compressor = compressor
         self.factors = []
 
     def build(self, state, variables):
         self.factors = []
         for index, variable in enumerate(variables):
-            first = self.scheme.initial_factor(variable.shape, index)
+            first = self.compressor.initial_factor(variable.shape, index)
             self.factors.append(
                 None
                 if first is None
@@ -173,7 +198,7 @@ class PowerSGDMean(Aggregator):
 
     def reduce(self, channel, inputs, keys, step):
         n = channel.num_replicas
-        plans = [self.scheme.plan(tuple(x.shape)) for x in inputs]
+        plans = [self.compressor.plan(tuple(x.shape)) for x in inputs]
         factors = [self.factors[k] for k in keys]
         matrices = [
             None if p is None else tf.reshape(x, p[:2]) for x, p in zip(inputs, plans)

@@ -12,7 +12,7 @@ model on the way back.
 Each replica is the server of 1/N of the flattened gradient. Per step,
 replica i with input p_i (error feedback adds the worker memory before this
 aggregator sees it) and, as the server of chunk r = i, server memory s_i; N
-replicas; C the codec:
+replicas; C the compressor:
 
     split p_i into N chunks p_i^(j) of L = ⌈d/N⌉ elements;  c_i^(j) = C(p_i^(j))
     all_to_all: chunk j's code goes to replica j
@@ -31,21 +31,19 @@ residual.
 import tensorflow as tf
 
 from tf_secondorder.distribute.aggregators import Aggregator
+from tf_secondorder.distribute.error_feedback import compensate
+from tf_secondorder.distribute.seeds import replica_seed
 
 
 def chunk_length(total, num_replicas):
     return -(-total // num_replicas)
 
 
-def _seed(chunk, stream):
-    return tf.stack([tf.cast(chunk, tf.int64), tf.cast(stream, tf.int64)])
-
-
 class Bidirectional(Aggregator):
     """The exchange above. `server_memory=False` keeps s at zero."""
 
-    def __init__(self, codec, server_memory=True):
-        self.codec = codec
+    def __init__(self, compressor, server_memory=True):
+        self.compressor = compressor
         self.server_memory = server_memory
         self.memory = None
 
@@ -57,10 +55,13 @@ class Bidirectional(Aggregator):
             self.memory = state.per_replica(None, "server_memory", (length,))
 
     def reduce(self, channel, inputs, keys, step):
-        codec = self.codec
+        compressor = self.compressor
         n = channel.num_replicas
         me = tf.cast(channel.context.replica_id_in_sync_group, tf.int64)
-        step = tf.cast(step, tf.int64)
+
+        def seed(chunk, replica):
+            return replica_seed(chunk, step, replica, n)
+
         shapes = [tuple(x.shape) for x in inputs]
         sizes = [int(x.shape.num_elements()) for x in inputs]
         total = sum(sizes)
@@ -69,10 +70,9 @@ class Bidirectional(Aggregator):
         chunks = tf.reshape(tf.pad(flat, [[0, n * length - total]]), [n, length])
 
         # Worker → servers. Randomness differs per (step, replica, chunk).
-        stream = step * n + me
-        wires = [codec.encode(chunks[j], _seed(j, stream)) for j in range(n)]
+        wires = [compressor.encode(chunks[j], seed(j, me)) for j in range(n)]
         decoded = [
-            codec.decode(w, (length,), _seed(j, stream)) for j, w in enumerate(wires)
+            compressor.decode(w, (length,), seed(j, me)) for j, w in enumerate(wires)
         ]
         stacked = [tf.stack([w[k] for w in wires]) for k in range(len(wires[0]))]
         (received,) = channel.all_to_all([stacked])
@@ -80,26 +80,26 @@ class Bidirectional(Aggregator):
         # Server of chunk `me`: mean of the replicas' codes, compressed again.
         mean = tf.add_n(
             [
-                codec.decode(
-                    [w[i] for w in received], (length,), _seed(me, step * n + i)
-                )
+                compressor.decode([w[i] for w in received], (length,), seed(me, i))
                 for i in range(n)
             ]
         ) / float(n)
-        served = mean if self.memory is None else mean + self.memory
-        server_seed = _seed(n + me, step * n + me)
-        reply = codec.encode(served, server_seed)
-        if self.memory is not None:
-            channel.commit(
-                self.memory, served - codec.decode(reply, (length,), server_seed)
-            )
+        server_seed = seed(n + me, me)
+        if self.memory is None:
+            reply = compressor.encode(mean, server_seed)
+        else:
+
+            def send(served):
+                reply = compressor.encode(served[0], server_seed)
+                return reply, [compressor.decode(reply, (length,), server_seed)]
+
+            reply, (residual,) = compensate(send, [mean], [self.memory])
+            channel.commit(self.memory, residual)
 
         # Servers → everyone.
         (gathered,) = channel.all_gather([reply])
         parts = [
-            codec.decode(
-                [w[r] for w in gathered], (length,), _seed(n + r, step * n + r)
-            )
+            compressor.decode([w[r] for w in gathered], (length,), seed(n + r, r))
             for r in range(n)
         ]
         return _unflatten(tf.concat(parts, 0), sizes, shapes), _unflatten(

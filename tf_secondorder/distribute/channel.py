@@ -74,7 +74,7 @@ class Channel:
         Where the strategy has no all_to_all kernel it is emulated by an
         all_gather (N times the bytes, counted so), or with `emulate=False`
         nothing is sent and None is returned, so the caller can pick a
-        protocol that needs no all_to_all."""
+        path that needs no all_to_all."""
         return self._batched(wires, _EXCHANGE, emulate)
 
     # -- internals ------------------------------------------------------------

@@ -10,7 +10,7 @@ hands each replica g_i/N (the loss is pre-scaled), so with x_i = N·(g_i/N):
     no strategy:   ĝ = x_1          # the same script trains unchanged alone
     local SGD:     ĝ_i = x_i        # no collective; `step` averages later
     no compression: ĝ = Keras's all-reduce of x_i / N
-    otherwise:     ĝ = aggregator(x_i)   # error feedback ∘ protocol ∘ codec
+    otherwise:     ĝ = aggregator(x_i)   # error feedback ∘ aggregator ∘ compressor
                    (during `compression_warmup_steps`: ĝ_i = x_i, all-reduced
                    in full precision by `step`)
 
@@ -29,7 +29,6 @@ hands each replica g_i/N (the loss is pre-scaled), so with x_i = N·(g_i/N):
 import numpy as np
 import tensorflow as tf
 
-from tf_secondorder.compression.low_rank import PowerSGD
 from tf_secondorder.distribute import aggregators
 from tf_secondorder.distribute.bidirectional import Bidirectional
 from tf_secondorder.distribute.channel import Channel
@@ -40,22 +39,25 @@ from tf_secondorder.distribute.voting import MajorityVote
 
 
 def make_aggregator(config):
-    """The protocol for `config` (None: Keras's own all-reduce), error
-    feedback wrapped around it when on."""
-    scheme = config.compression
-    if scheme is None:
+    """The aggregator for `config` (None: Keras's own all-reduce), error
+    feedback wrapped around it when on. A compressor with an aggregator of
+    its own (`aggregators.serves`, e.g. PowerSGD's) gets that one; the
+    config has checked that `aggregation` is one it accepts."""
+    compressor = config.compression
+    if compressor is None:
         return None
-    if isinstance(scheme, PowerSGD):
-        protocol = aggregators.PowerSGDMean(scheme)
+    own = aggregators.served_by(compressor)
+    if own is not None:
+        aggregator = own(compressor)
     elif config.aggregation == "bidirectional":
-        protocol = Bidirectional(scheme, server_memory=config.uses_error_feedback)
+        aggregator = Bidirectional(compressor, server_memory=config.uses_error_feedback)
     elif config.aggregation == "majority_vote":
-        protocol = MajorityVote(scheme)
-    elif scheme.summable:
-        protocol = aggregators.AllReduceMean(scheme)
+        aggregator = MajorityVote(compressor)
+    elif compressor.summable:
+        aggregator = aggregators.AllReduceMean(compressor)
     else:
-        protocol = aggregators.GatherMean(scheme)
-    return ErrorFeedback(protocol) if config.uses_error_feedback else protocol
+        aggregator = aggregators.GatherMean(compressor)
+    return ErrorFeedback(aggregator) if config.uses_error_feedback else aggregator
 
 
 class Counters:
@@ -130,8 +132,8 @@ class Communicator:
         if self.saddle is not None:
             self.saddle.build(state)
 
-    def averages_locally(self, distribution):
-        return self.local_sgd is not None and distribution.num_replicas_in_sync > 1
+    def averages_locally(self, strategy):
+        return self.local_sgd is not None and strategy.num_replicas_in_sync > 1
 
     # -- replica context -------------------------------------------------------
 
@@ -155,7 +157,7 @@ class Communicator:
             return self._keras_sum(keras_sum, grads_and_vars)
         present = [i for i, (g, _) in enumerate(grads_and_vars) if g is not None]
         # The variable's static shape: a gradient's can be unknown (a table
-        # sliced to a variable sequence length) and codecs size by it.
+        # sliced to a variable sequence length) and compressors size by it.
         own = [
             tf.ensure_shape(_dense_float32(grads_and_vars[i][0]), var.shape) * n
             for i, var in ((i, grads_and_vars[i][1]) for i in present)
@@ -225,10 +227,10 @@ class Communicator:
 
     # -- cross-replica context -------------------------------------------------
 
-    def step(self, distribution, grads_and_vars, update, iterations):
+    def step(self, strategy, grads_and_vars, update, iterations):
         """Runs the step's pieces in the order of the module docstring."""
         step = tf.cast(iterations, tf.int32) + 1
-        local = self.averages_locally(distribution)
+        local = self.averages_locally(strategy)
         warmup = self.config.compression_warmup_steps
         # Reduced gradients are equal on every replica; local-SGD ones (and
         # those of the compression warm-up) are not, and one replica's NaN
@@ -238,22 +240,22 @@ class Communicator:
             [
                 _dense(value)
                 for grad, _ in grads_and_vars
-                for value in distribution.experimental_local_results(grad)[replicas]
+                for value in strategy.experimental_local_results(grad)[replicas]
             ]
         )
 
         def run():
             norm = None
             if self.saddle is not None:
-                norm = self.saddle.gradient_norm(distribution, grads_and_vars)
+                norm = self.saddle.gradient_norm(strategy, grads_and_vars)
             if local:
                 self.local_sgd.step(
-                    distribution, grads_and_vars, update, step, self.counters
+                    strategy, grads_and_vars, update, step, self.counters
                 )
-            elif warmup and distribution.num_replicas_in_sync > 1:
+            elif warmup and strategy.num_replicas_in_sync > 1:
                 tf.cond(
                     self.config.full_precision_step(step),
-                    lambda: self._full_precision(distribution, grads_and_vars, update),
+                    lambda: self._full_precision(strategy, grads_and_vars, update),
                     lambda: update(grads_and_vars),
                 )
             else:
@@ -268,10 +270,10 @@ class Communicator:
 
         tf.cond(finite, run, skip)
 
-    def _full_precision(self, distribution, grads_and_vars, update):
+    def _full_precision(self, strategy, grads_and_vars, update):
         """The compression warm-up: one float32 all-reduce of each replica's
         own gradient, then the update."""
-        reduced = distribution.extended.batch_reduce_to(
+        reduced = strategy.extended.batch_reduce_to(
             tf.distribute.ReduceOp.MEAN, grads_and_vars
         )
         self.counters.add(1, self.float32_bytes)

@@ -6,8 +6,7 @@ import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.compression import codec as codecs
-from tf_secondorder.compression.low_rank import PowerSGD
+from tf_secondorder.compression import compressor as compressors
 from tf_secondorder.distribute import saddle
 
 AGGREGATIONS = ("mean", "majority_vote", "bidirectional")
@@ -23,8 +22,8 @@ class CommunicationConfig:
 
     Attributes:
         compression: `None`, a name from `tfso.compression.names()`, or a
-            `tfso.compression` instance (`Compressor` or `PowerSGD`): what
-            each replica's gradient is encoded into.
+            `tfso.compression` instance (`Compressor` or `PowerSGD`): the
+            compressor each replica's gradient is encoded with.
         error_feedback: `None` (on for biased compressors, and for the
             bidirectional exchange), `True` or `False`: each replica adds
             what its compressor dropped before to what it sends next.
@@ -51,9 +50,10 @@ class CommunicationConfig:
             name or config) applied to the replicas' mean pseudo-gradient,
             the weights' change since the last average (DiLoCo); `None`:
             plain averaging.
-        average_compression: with `average_every`, a codec (name or
-            instance, e.g. `"fp16"`, `"int8"`) for the pseudo-gradients, with
-            a per-replica error-feedback memory of its own.
+        average_compression: with `average_every`, a one-round compressor
+            (name or instance, e.g. `"fp16"`, `"int8"`) for the
+            pseudo-gradients, with a per-replica error-feedback memory of
+            its own.
     """
 
     compression: object = None
@@ -71,7 +71,7 @@ class CommunicationConfig:
         def set_(name, value):
             object.__setattr__(self, name, value)
 
-        set_("compression", codecs.get(self.compression))
+        set_("compression", compressors.get(self.compression))
         set_(
             "error_feedback",
             validation.boolean("error_feedback", self.error_feedback, optional=True),
@@ -92,7 +92,7 @@ class CommunicationConfig:
         set_("outer_optimizer", _outer_optimizer(self.outer_optimizer))
         set_(
             "average_compression",
-            codecs.get(self.average_compression, "average_compression"),
+            compressors.get(self.average_compression, "average_compression"),
         )
         set_(
             "full_precision_every",
@@ -114,23 +114,18 @@ class CommunicationConfig:
             validation.fail(
                 "error_feedback", "None or False when `compression` is None", True
             )
-        if self.aggregation == "majority_vote" and not getattr(
-            compression, "sign_based", False
-        ):
+        accepted = () if compression is None else compression.aggregations
+        if self.aggregation == "majority_vote" and "majority_vote" not in accepted:
             validation.fail(
                 "aggregation",
                 "'mean' or 'bidirectional' unless `compression` is a sign "
                 f"compressor ('sign', 'scaled_sign'); compression is {compression!r}",
                 self.aggregation,
             )
-        if self.aggregation == "bidirectional" and (
-            compression is None
-            or isinstance(compression, PowerSGD)
-            or compression.shared_randomness
-        ):
+        if self.aggregation == "bidirectional" and "bidirectional" not in accepted:
             validation.fail(
                 "aggregation",
-                "'mean' or 'majority_vote' unless `compression` is a codec whose "
+                "'mean' or 'majority_vote' unless `compression` is a compressor whose "
                 "code one replica can decode alone (not None, 'powersgd' or "
                 f"'randomk'); compression is {compression!r}",
                 self.aggregation,
@@ -153,11 +148,13 @@ class CommunicationConfig:
                     validation.fail(
                         name, "None unless `average_every` is set", getattr(self, name)
                     )
-        if isinstance(self.average_compression, PowerSGD):
+        average_compression = self.average_compression
+        if getattr(average_compression, "rounds", 1) != 1:
             validation.fail(
                 "average_compression",
-                "a codec (PowerSGD needs two rounds of every step)",
-                self.average_compression,
+                f"a one-round compressor ({type(average_compression).__name__} "
+                f"needs {average_compression.rounds} rounds of every step)",
+                average_compression,
             )
         if self.average_every is None and self.average_warmup_steps:
             validation.fail(
@@ -238,21 +235,50 @@ class CommunicationConfig:
         }
 
     @classmethod
-    def pop_from(cls, kwargs, **defaults):
+    def pop_from(cls, kwargs, constraints=(), when_compressed=None, **defaults):
         """The config made of the options in `kwargs` (removed from it), the
-        given `defaults` standing in for the options not there. A default
-        `compression_warmup_steps` applies only when something is
+        given `defaults` standing in for the options not there.
+
+        `constraints` (`Constraint`s an optimizer declares) are checked
+        first. `when_compressed`: options the optimizer sets itself when
+        something is compressed (OneBitAdam's stages), over any given. A
+        default `compression_warmup_steps` applies only when something is
         compressed (an optimizer that warms up its compression by default
         still accepts `compression=None`)."""
         names = [f.name for f in dataclasses.fields(cls)]
         given = {name: kwargs.pop(name) for name in names if name in kwargs}
         options = {**defaults, **given}
-        if (
-            options.get("compression") is None
-            and "compression_warmup_steps" not in given
-        ):
-            options.pop("compression_warmup_steps", None)
+        for constraint in constraints:
+            constraint.check(options)
+        if options.get("compression") is None:
+            if "compression_warmup_steps" not in given:
+                options.pop("compression_warmup_steps", None)
+        elif when_compressed:
+            options.update(when_compressed)
         return cls(**options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A communication option an optimizer cannot work with, declared by the
+    optimizer and checked once by `CommunicationConfig.pop_from`.
+
+    When `option` is set (neither None nor 0), a ValueError names
+    `argument`, the optimizer's own argument that rules the option out (or
+    the option itself), and says it must be `accepted`.
+    """
+
+    option: str
+    argument: str
+    accepted: str
+    value: object = None
+
+    def check(self, options):
+        given = options.get(self.option)
+        if given is None or (isinstance(given, (int, float)) and given == 0):
+            return
+        value = given if self.argument == self.option else self.value
+        validation.fail(self.argument, self.accepted, value)
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(CommunicationConfig))

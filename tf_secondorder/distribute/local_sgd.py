@@ -15,7 +15,8 @@ for the model's trainable weights and the optimizer's floating-point state
 that is the same kind of thing on every replica (moments, Shampoo statistics
 and roots, EMA weights): after an average every replica holds the same
 state, so a checkpoint written then resumes exactly. Averaging the slots was
-also the better choice when measured (docs/benchmarks.md, "Local SGD").
+also the better choice when measured (docs/benchmarks.md, "Local SGD every
+I steps").
 State only meaningful on the replica that made it is left alone: an
 optimizer lists it in `replica_specific_variables()` (SOAP's eigenbases and
 the second moments kept in them).
@@ -44,8 +45,14 @@ an outer step there). A custom `strategy.run` loop calls
 import tensorflow as tf
 
 from tf_secondorder.compat import optimizer_step
-from tf_secondorder.compat.replica_state import component_values, first_local_replica
+from tf_secondorder.compat.replica_state import (
+    component_values,
+    first_local_replica,
+    from_local_replicas,
+)
 from tf_secondorder.compression import packing
+from tf_secondorder.distribute.error_feedback import compensate
+from tf_secondorder.distribute.seeds import replica_seed
 
 
 class LocalSGD:
@@ -57,12 +64,12 @@ class LocalSGD:
     per-replica pseudo-gradient memories.
     """
 
-    def __init__(self, every, warmup_steps, outer_optimizer=None, codec=None):
+    def __init__(self, every, warmup_steps, outer_optimizer=None, compressor=None):
         self.every = every
         self.warmup_steps = warmup_steps
         self.outer_optimizer = outer_optimizer
-        self.codec = codec
-        self.anchored = outer_optimizer is not None or codec is not None
+        self.compressor = compressor
+        self.anchored = outer_optimizer is not None or compressor is not None
         self.steps_since_average = None
         self.anchors = []
         self.memories = []
@@ -79,7 +86,7 @@ class LocalSGD:
         if not self.anchored:
             return
         self.anchors = [state.mirrored_copy(w, "anchor") for w in self._weights]
-        if self.codec is not None:
+        if self.compressor is not None:
             self.memories = [
                 state.per_replica(w, "pseudo_gradient_feedback", tuple(w.shape))
                 for w in self._weights
@@ -87,7 +94,7 @@ class LocalSGD:
         if self.outer_optimizer is not None:
             state.build_inner(self.outer_optimizer, self.anchors)
 
-    def step(self, distribution, grads_and_vars, update, step, counters):
+    def step(self, strategy, grads_and_vars, update, step, counters):
         """One step: synchronous during the warm-up, else local, then the
         average when due. `grads_and_vars` hold each replica's own gradient."""
         t = step - 1
@@ -99,7 +106,7 @@ class LocalSGD:
         if self.warmup_steps:
 
             def synchronous():
-                reduced = distribution.extended.batch_reduce_to(
+                reduced = strategy.extended.batch_reduce_to(
                     tf.distribute.ReduceOp.MEAN, grads_and_vars
                 )
                 variables = [v for _, v in grads_and_vars]
@@ -113,73 +120,73 @@ class LocalSGD:
         else:
             local()
         due = (t >= self.warmup_steps) & ((t + 1 - self.warmup_steps) % self.every == 0)
-        tf.cond(due, lambda: self.average(distribution, counters, step), lambda: None)
+        tf.cond(due, lambda: self.average(strategy, counters, step), lambda: None)
 
-    def average(self, distribution, counters, step):
+    def average(self, strategy, counters, step):
         if self.anchored:
-            rounds, nbytes = self._outer_step(distribution, step)
+            rounds, nbytes = self._outer_step(strategy, step)
         else:
-            rounds, nbytes = average_across_replicas(distribution, self._averaged())
+            rounds, nbytes = average_across_replicas(strategy, self._averaged())
         self.steps_since_average.assign(0)
         counters.record(rounds, nbytes)
 
-    def _outer_step(self, distribution, step):
+    def _outer_step(self, strategy, step):
         """The pseudo-gradients' mean, the outer step, every replica to x₀."""
         deltas = [
             [a - w for a, w in zip(component_values(anchor), component_values(weight))]
             for anchor, weight in zip(self.anchors, self._weights)
         ]
-        if self.codec is None:
-            mean, rounds, nbytes = _mean_over_replicas(distribution, deltas)
+        if self.compressor is None:
+            mean, rounds, nbytes = _mean_over_replicas(strategy, deltas)
         else:
-            mean, rounds, nbytes = self._compressed_mean(distribution, deltas, step)
+            mean, rounds, nbytes = self._compressed_mean(strategy, deltas, step)
         if self.outer_optimizer is None:
             for anchor, delta in zip(self.anchors, mean):
                 anchor.assign_sub(delta)
         else:
             optimizer_step.apply_in_cross_replica_context(
-                self.outer_optimizer, distribution, list(zip(mean, self.anchors))
+                self.outer_optimizer, strategy, list(zip(mean, self.anchors))
             )
         for anchor, weight in zip(self.anchors, self._weights):
             weight.assign(anchor)
         return rounds, nbytes
 
-    def _compressed_mean(self, distribution, deltas, step):
+    def _compressed_mean(self, strategy, deltas, step):
         """Each replica encodes Δ_i + e_i on its device (error feedback kept
         per replica); the codes are gathered as int32 words and decoded."""
-        codec = self.codec
-        devices = distribution.extended.worker_devices
-        first = first_local_replica(distribution, len(devices))
+        compressor = self.compressor
+        first = first_local_replica(strategy, len(strategy.extended.worker_devices))
+        n = strategy.num_replicas_in_sync
         shapes = [tuple(w.shape) for w in self._weights]
-        buffers, sizes = [], None
-        for k, device in enumerate(devices):
-            with tf.device(device):
-                words = []
-                for i, (delta, memory) in enumerate(zip(deltas, self.memories)):
-                    own = component_values(memory)[k]
-                    value = delta[k] + own
-                    seed = _seed(i, step, first + k, distribution.num_replicas_in_sync)
-                    wire = codec.encode(value, seed)
-                    own.assign(value - codec.decode(wire, shapes[i], seed))
-                    words.extend(packing.to_words(w) for w in wire)
-                sizes = [int(w.shape[0]) for w in words]
-                buffers.append(tf.concat(words, 0))
-        local = iter(range(len(devices)))
-        per_replica = distribution.experimental_distribute_values_from_function(
-            lambda context: buffers[next(local)]
-        )
-        gathered = tf.reshape(
-            distribution.gather(per_replica, axis=0), [-1, sum(sizes)]
-        )
-        n = distribution.num_replicas_in_sync
-        specs = [codec.wire_specs(shape) for shape in shapes]
+        sizes = []
+
+        def encode(k, context):
+            seeds = [replica_seed(i, step, first + k, n) for i in range(len(shapes))]
+
+            def send(values):
+                wires = [compressor.encode(v, s) for v, s in zip(values, seeds)]
+                return wires, [
+                    compressor.decode(w, shape, s)
+                    for w, shape, s in zip(wires, shapes, seeds)
+                ]
+
+            own = [component_values(memory)[k] for memory in self.memories]
+            wires, residuals = compensate(send, [d[k] for d in deltas], own)
+            for memory, residual in zip(own, residuals):
+                memory.assign(residual)
+            words = [packing.to_words(w) for wire in wires for w in wire]
+            sizes[:] = [int(w.shape[0]) for w in words]
+            return tf.concat(words, 0)
+
+        per_replica = from_local_replicas(strategy, encode)
+        gathered = tf.reshape(strategy.gather(per_replica, axis=0), [-1, sum(sizes)])
+        specs = [compressor.wire_specs(shape) for shape in shapes]
         total = [tf.zeros(shape) for shape in shapes]
         for r in range(n):
             pieces = iter(tf.split(gathered[r], sizes))
             for i, (shape, spec) in enumerate(zip(shapes, specs)):
                 wire = [packing.from_words(next(pieces), s, d) for s, d in spec]
-                seed = _seed(i, step, r, n)
-                total[i] += codec.decode(wire, shape, seed)
+                total[i] += compressor.decode(wire, shape, replica_seed(i, step, r, n))
         mean = [t / n for t in total]
         return mean, 1, sum(sizes) * 4
 
@@ -187,45 +194,35 @@ class LocalSGD:
         """Whether local steps ran since the last average (eager)."""
         return int(self.steps_since_average.numpy()) > 0
 
-    def average_now(self, distribution, counters, iterations):
+    def average_now(self, strategy, counters, iterations):
         """Averages now, outside `tf.function`; a collective, so every worker
         must call it at the same point."""
         if self._eager_average is None:
             self._eager_average = tf.function(
                 lambda: self.average(
-                    distribution, counters, tf.cast(iterations, tf.int32) + 1
+                    strategy, counters, tf.cast(iterations, tf.int32) + 1
                 )
             )
-        with distribution.scope():
+        with strategy.scope():
             self._eager_average()
 
 
-def _seed(index, step, replica, num_replicas):
-    """A codec's seed for variable `index` of global replica `replica`."""
-    stream = tf.cast(step, tf.int64) * num_replicas + replica
-    return tf.stack([tf.constant(index, tf.int64), stream])
-
-
-def _mean_over_replicas(distribution, per_replica_tensors):
+def _mean_over_replicas(strategy, per_replica_tensors):
     """(1/N) Σ_r of local per-replica tensors (lists by local replica), one
     float32 all-reduce; returns (means, rounds, bytes)."""
-    devices = distribution.extended.worker_devices
     sizes = [int(t[0].shape.num_elements()) for t in per_replica_tensors]
-    position = iter(range(len(devices)))
 
-    def local_buffer(context):
-        k = next(position)
-        with tf.device(devices[k]):
-            return tf.concat([tf.reshape(t[k], [-1]) for t in per_replica_tensors], 0)
+    def local_buffer(k, context):
+        return tf.concat([tf.reshape(t[k], [-1]) for t in per_replica_tensors], 0)
 
-    values = distribution.experimental_distribute_values_from_function(local_buffer)
-    mean = distribution.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
+    values = from_local_replicas(strategy, local_buffer)
+    mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, values, axis=None)
     pieces = tf.split(mean, sizes)
     means = [tf.reshape(p, t[0].shape) for p, t in zip(pieces, per_replica_tensors)]
     return means, 1, 4 * sum(sizes)
 
 
-def average_across_replicas(distribution, variables):
+def average_across_replicas(strategy, variables):
     """Replaces each mirrored variable's replicas by their mean (cross-replica
     context). One all-reduce per dtype; returns (rounds, bytes per replica)."""
     by_dtype = {}
@@ -235,17 +232,12 @@ def average_across_replicas(distribution, variables):
     for group in by_dtype.values():
         components = [component_values(v) for v in group]
         sizes = [int(v.shape.num_elements()) for v in group]
-        position = iter(range(len(components[0])))
 
-        def local_buffer(context, components=components, position=position):
-            k = next(position)
-            with tf.device(components[0][k].device):
-                return tf.concat([tf.reshape(c[k], [-1]) for c in components], 0)
+        def local_buffer(k, context, components=components):
+            return tf.concat([tf.reshape(c[k], [-1]) for c in components], 0)
 
-        per_replica = distribution.experimental_distribute_values_from_function(
-            local_buffer
-        )
-        mean = distribution.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
+        per_replica = from_local_replicas(strategy, local_buffer)
+        mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None)
         for variable, piece in zip(group, tf.split(mean, sizes)):
             variable.assign(tf.reshape(piece, variable.shape))
         rounds += 1

@@ -98,11 +98,11 @@ class SaddlePerturbation:
         self.count = state.counter("saddle_perturbations", "int32")
         self.last_step = state.counter("last_perturbation", "int32")
 
-    def gradient_norm(self, distribution, grads_and_vars):
+    def gradient_norm(self, strategy, grads_and_vars):
         """‖g‖ of the reduced gradient (equal on every replica); cross-replica."""
         squares = []
         for grad, _ in grads_and_vars:
-            local = distribution.experimental_local_results(grad)[0]
+            local = strategy.experimental_local_results(grad)[0]
             if isinstance(local, tf.IndexedSlices):
                 local = tf.convert_to_tensor(local)
             squares.append(tf.reduce_sum(tf.square(tf.cast(local, tf.float32))))

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_secondorder import validation
+from tf_secondorder.compat.replica_state import from_local_replicas
 from tf_secondorder.compression import packing
 
 
@@ -45,29 +46,29 @@ def greedy_partition(costs, num_shards):
     return [sorted(items) for items in shards]
 
 
-def splits_work(distribution, mode):
-    """Whether `mode` ("auto", True, False) splits work under `distribution`.
+def splits_work(strategy, mode):
+    """Whether `mode` ("auto", True, False) splits work under `strategy`.
 
     "auto" and True split under MirroredStrategy and MultiWorkerMirroredStrategy
     with more than one replica. Other strategies (TPUStrategy,
     ParameterServer...) run the unsplit computation: their cross-replica code
     cannot place work on one replica's core.
     """
-    if mode is False or distribution is None:
+    if mode is False or strategy is None:
         return False
-    if distribution.num_replicas_in_sync < 2:
+    if strategy.num_replicas_in_sync < 2:
         return False
     return isinstance(
-        distribution,
+        strategy,
         (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy),
     )
 
 
-def run_sharded(distribution, shares, specs, compute):
+def run_sharded(strategy, shares, specs, compute):
     """Runs `compute(shares[r])` on replica r and gives every replica all results.
 
     Args:
-        distribution: a MirroredStrategy or MultiWorkerMirroredStrategy; called
+        strategy: a MirroredStrategy or MultiWorkerMirroredStrategy; called
             in its cross-replica context.
         shares: one list of item ids per replica (from `greedy_partition`).
         specs: item id -> tuple of (shape, dtype), one per tensor of the item.
@@ -85,27 +86,22 @@ def run_sharded(distribution, shares, specs, compute):
     used = [sum(sum(words[i]) for i in share) for share in shares]
     # Equal lengths for the gather; the failure count goes last.
     length = max(used) + 1
-    devices = distribution.extended.worker_devices
-    local = iter(range(len(devices)))
 
-    def share_buffer(context):
+    def share_buffer(k, context):
         replica = context.replica_id_in_sync_group
         share = shares[replica]
-        with tf.device(devices[next(local)]):
-            results, failures = compute(share) if share else ({}, 0)
-            pieces = [
-                packing.to_words(tf.cast(tensor, dtype))
-                for item in share
-                for tensor, (_, dtype) in zip(results[item], specs[item])
-            ]
-            pieces.append(tf.zeros([length - 1 - used[replica]], tf.int32))
-            pieces.append(tf.reshape(tf.cast(failures, tf.int32), [1]))
-            return tf.concat(pieces, axis=0)
+        results, failures = compute(share) if share else ({}, 0)
+        pieces = [
+            packing.to_words(tf.cast(tensor, dtype))
+            for item in share
+            for tensor, (_, dtype) in zip(results[item], specs[item])
+        ]
+        pieces.append(tf.zeros([length - 1 - used[replica]], tf.int32))
+        pieces.append(tf.reshape(tf.cast(failures, tf.int32), [1]))
+        return tf.concat(pieces, axis=0)
 
-    per_replica = distribution.experimental_distribute_values_from_function(
-        share_buffer
-    )
-    gathered = tf.reshape(distribution.gather(per_replica, axis=0), [-1, length])
+    per_replica = from_local_replicas(strategy, share_buffer)
+    gathered = tf.reshape(strategy.gather(per_replica, axis=0), [-1, length])
     results = {}
     for replica, share in enumerate(shares):
         offset = 0

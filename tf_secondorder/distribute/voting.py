@@ -3,7 +3,7 @@
     ĝ = sign(Σ_i v_i),  v_i = sign(decode(c_i)) ∈ {−1, 0, +1},  sign(0) = +1 in ĝ
 
 A replica's vote on an element is 0 only where its decoded value is 0 (a
-scaled sign whose scale is 0); it then abstains there. Two protocols give
+scaled sign whose scale is 0); it then abstains there. Two paths give
 the same ĝ bit for bit (signs and integer counts are exact):
 
 **all-gather**: every replica all-gathers every replica's code (W int32
@@ -11,7 +11,7 @@ words) and tallies all d elements itself: one collective; it hands over W
 words and N·W arrive.
 
 **sharded**: the vote bits are packed 32 to an int32 word, W_v words per bit
-plane (plane 0: v < 0; plane 1, only for codecs that can decode a 0: v = 0),
+plane (plane 0: v < 0; plane 1, only for compressors that can decode a 0: v = 0),
 and cut into N contiguous shards of S = ⌈W_v/N⌉ words; replica j owns
 shard j.
 
@@ -55,7 +55,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.compression import packing
-from tf_secondorder.compression.codec import num_elements
+from tf_secondorder.compression.compressor import num_elements
 from tf_secondorder.compression.signs import Sign
 from tf_secondorder.distribute.aggregators import GatherMean
 
@@ -86,17 +86,17 @@ class MajorityVote(GatherMean):
     """The vote of the module docstring.
 
     Args:
-        codec: a sign-based codec (`Sign`, `ScaledSign`).
+        compressor: a sign-based compressor (`Sign`, `ScaledSign`).
         path: `"auto"` (the rule above), `"gather"` or `"sharded"` (emulated
             by gathers, and counted so, where there is no all_to_all kernel).
     """
 
-    def __init__(self, codec, path="auto"):
-        super().__init__(codec)
+    def __init__(self, compressor, path="auto"):
+        super().__init__(compressor)
         self.path = validation.choice("path", path, PATHS)
         # Decoded signs are ±1, never 0: the abstain plane would be all zeros.
-        self.planes = 1 if type(codec) is Sign else 2
-        # The protocol of the last trace ("gather" or "sharded"), for tests.
+        self.planes = 1 if type(compressor) is Sign else 2
+        # The path of the last trace ("gather" or "sharded"), for tests.
         self.traced_path = None
 
     def _exchange_and_combine(self, channel, wires, inputs, seeds):
@@ -120,13 +120,13 @@ class MajorityVote(GatherMean):
             out.append(tf.where(votes >= 0, 1.0, -1.0))
         return out
 
-    # -- the sharded protocol ----------------------------------------------------
+    # -- the sharded path ----------------------------------------------------------
 
     def _sharded_is_cheaper(self, shapes, channel):
         gather_words = sum(
             packing.word_count(num_elements(s), d)
             for shape in shapes
-            for s, d in self.codec.wire_specs(shape)
+            for s, d in self.compressor.wire_specs(shape)
         )
         return sharded_is_cheaper(
             channel.num_replicas, gather_words, _vote_words(shapes), self.planes
@@ -155,7 +155,7 @@ class MajorityVote(GatherMean):
                     # Sign's wire is the packed bits of x < 0, plane 0 itself.
                     planes[0].append(wire[0])
                     continue
-                decoded = tf.reshape(self.codec.decode(wire, shape, seed), [-1])
+                decoded = tf.reshape(self.compressor.decode(wire, shape, seed), [-1])
                 planes[0].append(_pack(decoded < 0))
                 planes[1].append(_pack(tf.equal(decoded, 0.0)))
             blocks = []
@@ -202,11 +202,13 @@ class MajorityVote(GatherMean):
         return self._fused(unpack)
 
     def _fused(self, fn):
-        """`fn` as one XLA computation where the codec allows (as `OneRound`
+        """`fn` as one XLA computation where the compressor allows (as `OneRound`
         does: unfused elementwise passes over millions of bits cost about
         what the 1-bit exchange does). Python arguments (shapes, sizes) are
         part of the trace."""
-        return tf.function(fn, jit_compile=self.codec.jit_compatible, autograph=False)
+        return tf.function(
+            fn, jit_compile=self.compressor.jit_compatible, autograph=False
+        )
 
 
 def _pack(mask):

@@ -10,8 +10,8 @@ Two methods:
 
 * ``"eigh"``: LAPACK/cuSOLVER eigendecomposition,
   ``Q · diag((max(λ, 0) + r)^(-1/p)) · Qᵀ``. Not XLA-compiled on purpose: XLA's
-  CPU eigh is ~70x slower than the LAPACK kernel (1024×1024: ~20 s vs
-  ~0.28 s with TF 2.21 on a 2-core x86 CPU).
+  CPU eigh is an iterative Jacobi method, far slower than the LAPACK kernel
+  at the sizes Shampoo uses (docs/benchmarks.md has root timings).
 * ``"coupled_newton"``: the stable coupled Newton iteration (Higham,
   *Functions of Matrices*, eq. 7.18; Iannazzo 2006), matmuls only, compiled
   with ``tf.function(jit_compile=True)``. The only choice that runs well on TPU.

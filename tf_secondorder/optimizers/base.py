@@ -12,7 +12,7 @@ communicator's state with the optimizer's, and connects Keras's step to it:
     cross-replica context:  apply_reduced_gradients -> communicator.step,
                             whose update is weight decay + update_variables
 
-`update_variables(distribution, grads_and_vars, learning_rate)` is the
+`update_variables(strategy, grads_and_vars, learning_rate)` is the
 optimizer's own update of all variables; by default Keras's loop calling
 `update_step` for each variable, on each replica.
 """
@@ -33,8 +33,19 @@ class CommunicatingOptimizer(KerasStepHooks):
     # Communication options a subclass defaults differently (SignSGD votes).
     communication_defaults = {}
 
-    def __init__(self, *args, **kwargs):
-        config = CommunicationConfig.pop_from(kwargs, **self.communication_defaults)
+    def __init__(
+        self, *args, communication_constraints=(), when_compressed=None, **kwargs
+    ):
+        """`communication_constraints`: `distribute.config.Constraint`s, the
+        communication options the subclass's own arguments rule out;
+        `when_compressed`: options it sets itself when something is
+        compressed (both checked with the rest by `CommunicationConfig`)."""
+        config = CommunicationConfig.pop_from(
+            kwargs,
+            communication_constraints,
+            when_compressed,
+            **self.communication_defaults,
+        )
         super().__init__(*args, **kwargs)
         self.communication = config
         self.communicator = Communicator(config)
@@ -69,15 +80,15 @@ class CommunicatingOptimizer(KerasStepHooks):
             self.local_transform(),
         )
 
-    def apply_reduced_gradients(self, distribution, grads_and_vars, learning_rate):
+    def apply_reduced_gradients(self, strategy, grads_and_vars, learning_rate):
         def update(grads_and_vars):
-            self.keras_weight_decay(distribution, [v for _, v in grads_and_vars])
-            self.update_variables(distribution, grads_and_vars, learning_rate)
+            self.keras_weight_decay(strategy, [v for _, v in grads_and_vars])
+            self.update_variables(strategy, grads_and_vars, learning_rate)
 
-        self.communicator.step(distribution, grads_and_vars, update, self.iterations)
+        self.communicator.step(strategy, grads_and_vars, update, self.iterations)
 
-    def update_variables(self, distribution, grads_and_vars, learning_rate):
-        self.keras_update_variables(distribution, grads_and_vars, learning_rate)
+    def update_variables(self, strategy, grads_and_vars, learning_rate):
+        self.keras_update_variables(strategy, grads_and_vars, learning_rate)
 
     def step_was_skipped(self):
         return self.communicator.step_was_skipped(self.iterations)

@@ -37,8 +37,8 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
     paper's algorithm, which compresses from the first step
     (`compression_warmup_steps=0` runs it). It borrows 1-bit Adam's warm-up
     so that v̂ starts from per-element magnitudes, which a block-sign code
-    (one magnitude per tensor) cannot give it; on the autoencoder it lowered
-    the final loss several-fold for a few more bytes (docs/benchmarks.md).
+    (one magnitude per tensor) cannot give it, for a few more bytes
+    (docs/benchmarks.md, "1-bit Adam / COMP-AMS", has the losses).
     A compressed second moment still loses most per-element scaling there:
     for Adam's quality at a small fraction of the bytes use `OneBitAdam`,
     whose variance is frozen from full-precision gradients.

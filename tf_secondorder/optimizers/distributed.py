@@ -111,10 +111,10 @@ _ADAPTIVE = tuple(
 
 def _warn_if_adaptive_with_biased_compression(optimizer, config):
     """Error feedback feeds an adaptive optimizer's second moment bursts of
-    delayed gradient, and a vote feeds it signs: measured on the digits
-    autoencoder (docs/benchmarks.md), Adam so trained ends 4-47x above
-    uncompressed Adam; 1-bit Adam, which freezes the second moment and
-    compresses the momentum, ends level with it."""
+    delayed gradient, and a vote feeds it signs, so its per-element scaling
+    follows the compressor's error rather than the gradient's; 1-bit Adam,
+    which freezes the second moment and compresses the momentum, does not
+    have that problem (docs/benchmarks.md has the losses)."""
     compression = config.compression
     biased = compression is not None and (
         config.uses_error_feedback or config.aggregation == "majority_vote"

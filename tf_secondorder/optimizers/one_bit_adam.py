@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.compression import ScaledSign
+from tf_secondorder.distribute.config import Constraint
 from tf_secondorder.optimizers.base import CommunicatingOptimizer
 
 
@@ -32,8 +33,9 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
     Every `variance_update_every` = K steps after T, one step is again
     all-reduced in full precision and updates v (as K steps of decay,
     β2^K, so s grows by K): on a run whose gradient scale drifts, a variance
-    frozen for good leaves late steps too large or too small (measured: 1.8x
-    Adam's final loss without it, below Adam's with K = 128).
+    frozen for good leaves late steps too large or too small, which the
+    occasional update corrects (docs/benchmarks.md, "1-bit Adam / COMP-AMS",
+    has the losses with and without it).
 
     With the variance frozen, Adam's update is linear in the momentum, so
     error feedback on the momentum converges as it does for momentum SGD;
@@ -71,12 +73,11 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
         - Kingma, Ba (2015). Adam: A Method for Stochastic Optimization.
     """
 
-    # Measured on the digits autoencoder, 2 replicas, 2000 steps (docs/
-    # benchmarks.md, "1-bit Adam"): block signs (a scale per 256) end below
-    # uncompressed Adam; one scale per tensor ends 2x above it. The gathered
-    # mean hands each replica's d bits to the collective where the
-    # bidirectional exchange hands d·(1 + 1/N): under 1/16 of float32 over
-    # the run only with the former at 2-4 replicas.
+    # Block signs (a scale per 256) keep the per-block magnitudes that one
+    # scale per tensor flattens, which the momentum needs. The gathered mean
+    # hands each replica's d bits to the collective where the bidirectional
+    # exchange hands d·(1 + 1/N), so at a few replicas it sends fewer bytes.
+    # docs/benchmarks.md ("1-bit Adam / COMP-AMS") has the numbers.
     communication_defaults = {
         "compression": ScaledSign(bucket_size=256),
         "aggregation": "mean",
@@ -112,27 +113,18 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
                 "variance_update_every", variance_update_every, 1, optional=True
             ),
         }
-        if kwargs.get("compression_warmup_steps"):
-            validation.fail(
+        constraints = (
+            Constraint(
+                "compression_warmup_steps",
                 "compression_warmup_steps",
                 "left to `freeze_step` (OneBitAdam compresses after it)",
-                kwargs["compression_warmup_steps"],
-            )
-        if kwargs.get("average_every") is not None:
-            validation.fail(
+            ),
+            Constraint(
+                "average_every",
                 "average_every",
                 "None (OneBitAdam exchanges the momentum every step)",
-                kwargs["average_every"],
-            )
-        compression = kwargs.get(
-            "compression", self.communication_defaults["compression"]
+            ),
         )
-        if compression is not None:
-            kwargs["compression_warmup_steps"] = options["freeze_step"]
-            kwargs["full_precision_every"] = options["variance_update_every"]
-        else:
-            # Uncompressed momenta are simply all-reduced.
-            kwargs.setdefault("aggregation", "mean")
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -145,6 +137,12 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
             ema_overwrite_frequency=ema_overwrite_frequency,
             loss_scale_factor=loss_scale_factor,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            communication_constraints=constraints,
+            # Uncompressed momenta are simply all-reduced: no stages.
+            when_compressed={
+                "compression_warmup_steps": options["freeze_step"],
+                "full_precision_every": options["variance_update_every"],
+            },
             **kwargs,
         )
         for key, value in options.items():

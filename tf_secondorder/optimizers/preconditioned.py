@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tf_secondorder import validation
 from tf_secondorder.linalg import pack_symmetric, packed_size, unpack_symmetric
-from tf_secondorder.optimizers import refresh
+from tf_secondorder.optimizers import preconditioning_options, refresh
 from tf_secondorder.optimizers.base import CommunicatingOptimizer
 from tf_secondorder.optimizers.tensors import (
     compute_dtype,
@@ -28,9 +28,6 @@ from tf_secondorder.optimizers.tensors import (
 )
 from tf_secondorder.preconditioning import kronecker
 from tf_secondorder.preconditioning.layout import BlockLayout
-
-STATISTICS_DTYPES = (None, "float32", "bfloat16")
-DISTRIBUTE_ROOTS = ("auto", True, False)
 
 
 class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer):
@@ -64,60 +61,21 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         refresh_delay=None,
         **kwargs,
     ):
-        options = {
-            "block_size": validation.size("block_size", block_size),
-            "precondition_frequency": validation.integer(
-                "precondition_frequency", precondition_frequency, 1
-            ),
-            "start_preconditioning_step": validation.integer(
-                "start_preconditioning_step",
-                start_preconditioning_step,
-                1,
-                optional=True,
-            ),
-            "statistics_frequency": validation.integer(
-                "statistics_frequency", statistics_frequency, 1
-            ),
-            "max_preconditioned_dim": validation.size(
-                "max_preconditioned_dim", max_preconditioned_dim, optional=True
-            ),
-            "statistics_dtype": validation.choice(
-                "statistics_dtype", statistics_dtype, STATISTICS_DTYPES
-            ),
-            "distribute_roots": validation.choice(
-                "distribute_roots", distribute_roots, DISTRIBUTE_ROOTS
-            ),
-            "precondition_1d": validation.boolean("precondition_1d", precondition_1d),
-            "packed_statistics": validation.boolean(
-                "packed_statistics", packed_statistics
-            ),
-            "root_refresh": validation.choice(
-                "root_refresh", root_refresh, refresh.ROOT_REFRESH
-            ),
-            "refresh_delay": validation.integer(
-                "refresh_delay",
-                refresh_delay,
-                1,
-                precondition_frequency,
-                optional=True,
-            ),
-        }
-        if root_refresh == "pipelined" and kwargs.get("average_every") is not None:
-            validation.fail(
-                "root_refresh",
-                "'auto' or 'in_step' under local SGD (`average_every`): each "
-                "replica refreshes from its own statistics in its step",
-                root_refresh,
-            )
-        if distribute_roots is True and kwargs.get("average_every") is not None:
-            validation.fail(
-                "distribute_roots",
-                "'auto' or False under local SGD (`average_every`): roots "
-                "shared across replicas need common statistics, and each "
-                "replica has its own",
-                True,
-            )
-        super().__init__(**kwargs)
+        options = preconditioning_options.validated(
+            block_size=block_size,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            statistics_frequency=statistics_frequency,
+            max_preconditioned_dim=max_preconditioned_dim,
+            statistics_dtype=statistics_dtype,
+            distribute_roots=distribute_roots,
+            precondition_1d=precondition_1d,
+            packed_statistics=packed_statistics,
+            root_refresh=root_refresh,
+            refresh_delay=refresh_delay,
+        )
+        constraints = preconditioning_options.communication_constraints(options)
+        super().__init__(communication_constraints=constraints, **kwargs)
         for name, value in options.items():
             setattr(self, name, value)
 
@@ -273,7 +231,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     # -- the update of all variables (cross-replica context) ---------------
 
-    def update_variables(self, distribution, grads_and_vars, learning_rate):
+    def update_variables(self, strategy, grads_and_vars, learning_rate):
         """Statistics, then (on refresh steps) the refresh, then every variable.
 
         The per-step work runs once per replica inside `extended.update`,
@@ -291,7 +249,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             anchor = anchor.value
 
         def on_each_replica(fn):
-            distribution.extended.update(
+            strategy.extended.update(
                 anchor,
                 _plain_python(lambda _, own: fn(static_shapes(own, variables))),
                 args=(grads,),
@@ -311,7 +269,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 update_statistics,
                 no_op,
             )
-        self._root_refresh.in_step(distribution, number)
+        self._root_refresh.in_step(strategy, number)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
 
     def update_all(self, grads, variables, learning_rate):
@@ -396,19 +354,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     def get_config(self):
         config = super().get_config()
         config.update(
-            {
-                "block_size": self.block_size,
-                "precondition_frequency": self.precondition_frequency,
-                "start_preconditioning_step": self.start_preconditioning_step,
-                "statistics_frequency": self.statistics_frequency,
-                "max_preconditioned_dim": self.max_preconditioned_dim,
-                "statistics_dtype": self.statistics_dtype,
-                "distribute_roots": self.distribute_roots,
-                "precondition_1d": self.precondition_1d,
-                "packed_statistics": self.packed_statistics,
-                "root_refresh": self.root_refresh,
-                "refresh_delay": self.refresh_delay,
-            }
+            {name: getattr(self, name) for name in preconditioning_options.NAMES}
         )
         return config
 

@@ -75,7 +75,7 @@ class RootRefresh:
         since_start = number - self.start
         return (since_start >= 0) & (since_start % self.frequency == 0)
 
-    def in_step(self, distribution, number):
+    def in_step(self, strategy, number):
         """The step's refresh work; `number` is the 1-based step."""
         if not self.layout.slots:
             return
@@ -83,7 +83,7 @@ class RootRefresh:
             tf.cond(
                 self.due(number),
                 lambda: self._timed(
-                    lambda: self._refresh_now(distribution, number), count=True
+                    lambda: self._refresh_now(strategy, number), count=True
                 ),
                 no_op,
             )
@@ -91,13 +91,13 @@ class RootRefresh:
         pending = read(self.snapshot_step)
         tf.cond(
             (pending > 0) & tf.equal(number, pending + self.delay),
-            lambda: self._install(distribution, pending),
+            lambda: self._install(strategy, pending),
             no_op,
         )
         tf.cond(self.due(number), lambda: self._take_snapshot(number), no_op)
 
-    def _refresh_now(self, distribution, number):
-        results, failures = self.compute(distribution, self.optimizer.statistic, number)
+    def _refresh_now(self, strategy, number):
+        results, failures = self.compute(strategy, self.optimizer.statistic, number)
         self._store(results, failures, number)
         return results  # for the clock to wait on (None under local SGD)
 
@@ -107,7 +107,7 @@ class RootRefresh:
             snapshot.assign(read(statistics))
         self.snapshot_step.assign(number)
 
-    def _install(self, distribution, refresh_step):
+    def _install(self, strategy, refresh_step):
         statistic = self.snapshot_statistic
         ready = self.host.ready(refresh_step)
 
@@ -140,7 +140,7 @@ class RootRefresh:
             return tf.cond(ready, lambda: from_host(items), lambda: late(items))
 
         results, failures = self.compute(
-            distribution, statistic, refresh_step, compute_items=either
+            strategy, statistic, refresh_step, compute_items=either
         )
         self.waits.assign_add(tf.cast(~ready, tf.int64))
         self._store(results, failures, refresh_step)
@@ -173,7 +173,7 @@ class RootRefresh:
     def all_items(self):
         return [(s, 0, slot.count) for s, slot in enumerate(self.layout.slots)]
 
-    def compute(self, distribution, statistic, refresh_step, compute_items=None):
+    def compute(self, strategy, statistic, refresh_step, compute_items=None):
         """({slot: tuple of tensors}, failures) of every slot, computed where
         this strategy computes refreshes. `compute_items(items)` computes a
         list of items; by default the optimizer's `refresh`."""
@@ -188,7 +188,7 @@ class RootRefresh:
                 )
 
         items = self.all_items()
-        if optimizer.communicator.averages_locally(distribution):
+        if optimizer.communicator.averages_locally(strategy):
             # Local SGD: each replica refreshes from its own statistics.
             # Inside `extended.update` reads and assignments of mirrored
             # variables act on the replica being updated.
@@ -196,22 +196,22 @@ class RootRefresh:
                 results, failures = compute_items(items)
                 self._store(_by_slot(results), failures, refresh_step)
 
-            distribution.extended.update(
+            strategy.extended.update(
                 optimizer._statistics[0].value,
                 tf.autograph.experimental.do_not_convert(own_refresh),
                 group=False,
             )
             return None, None
-        if not sharding.splits_work(distribution, optimizer.distribute_roots):
+        if not sharding.splits_work(strategy, optimizer.distribute_roots):
             results, failures = compute_items(items)
             return _by_slot(results), failures
-        pieces = self.shards(distribution.num_replicas_in_sync)
+        pieces = self.shards(strategy.num_replicas_in_sync)
         shares = sharding.greedy_partition(
             [
                 sharding.root_cost(self.layout.slots[s].size) * (e - b)
                 for s, b, e in pieces
             ],
-            distribution.num_replicas_in_sync,
+            strategy.num_replicas_in_sync,
         )
         specs = {
             i: optimizer.refresh_specs(s, e - b) for i, (s, b, e) in enumerate(pieces)
@@ -221,9 +221,7 @@ class RootRefresh:
             results, failures = compute_items([pieces[i] for i in indices])
             return {i: results[pieces[i]] for i in indices}, failures
 
-        results, failures = sharding.run_sharded(
-            distribution, shares, specs, compute_share
-        )
+        results, failures = sharding.run_sharded(strategy, shares, specs, compute_share)
         return _by_slot({pieces[i]: r for i, r in results.items()}), failures
 
     def shards(self, num_replicas):

@@ -1,10 +1,12 @@
-"""The codec interface of gradient compressors, and the name registry.
+"""The interface of gradient compressors, and the name registry.
 
-A compressor (codec) turns one replica's float32 tensor into *wire tensors*
-of dtypes every collective accepts (float16, bfloat16, float32, int32) and
+A compressor turns one replica's float32 tensor into *wire tensors* of
+dtypes every collective accepts (float16, bfloat16, float32, int32) and
 decodes them back. It is pure tensor maths: no collectives, no state. How the
 wires travel between replicas (all-reduce, all-gather, majority vote, the
 bidirectional exchange) is an aggregator's business (`tf_secondorder.distribute`).
+A compressor of more than one round (PowerSGD) is not a `Compressor`
+subclass; `register_multi_round` makes it a valid `compression`.
 """
 
 import keras
@@ -28,9 +30,11 @@ def register(name):
 
 
 class Compressor:
-    """Base class of codecs. Subclasses define `encode`, `decode`, `wire_specs`.
+    """Base class of one-round compressors. Subclasses define `encode`,
+    `decode`, `wire_specs`.
 
-    Class attributes (what an aggregator may rely on):
+    Class attributes (what an aggregator and `CommunicationConfig` rely on):
+        rounds: collectives per step (1: encode, one collective, decode).
         unbiased: E[decode(encode(x))] = x, so error feedback is off by default.
         summable: decode(Σ wires) = Σ decode(wires) (linear codes), so the
             wires may be summed by an all-reduce instead of gathered.
@@ -52,6 +56,19 @@ class Compressor:
     carries_magnitude = True
     shared_randomness = False
     jit_compatible = True
+    rounds = 1
+
+    @property
+    def aggregations(self):
+        """The `aggregation` values this compressor works under: a vote needs
+        signs; the bidirectional exchange has one replica decode another's
+        code alone, which shared randomness rules out."""
+        accepted = ["mean"]
+        if self.sign_based:
+            accepted.append("majority_vote")
+        if not self.shared_randomness:
+            accepted.append("bidirectional")
+        return tuple(accepted)
 
     @property
     def error_feedback_default(self):
@@ -100,8 +117,8 @@ def num_elements(shape):
 
 
 def get(identifier, name="compression"):
-    """A compression scheme from None, a registered name, a config or an instance."""
-    if identifier is None or isinstance(identifier, tuple(_SCHEMES)):
+    """A compressor from None, a registered name, a config or an instance."""
+    if identifier is None or isinstance(identifier, tuple(_COMPRESSOR_TYPES)):
         return identifier
     if isinstance(identifier, dict):
         return keras.saving.deserialize_keras_object(identifier)
@@ -114,13 +131,17 @@ def get(identifier, name="compression"):
     )
 
 
-# Types `get` accepts as they are: codecs and multi-round schemes (PowerSGD).
-_SCHEMES = [Compressor]
+# Types `get` accepts as they are: `Compressor` and multi-round compressors.
+_COMPRESSOR_TYPES = [Compressor]
 
 
-def register_scheme(cls):
-    """Marks a non-codec compression scheme (PowerSGD) as a valid `compression`."""
-    _SCHEMES.append(cls)
+def register_multi_round(cls):
+    """Marks a multi-round compressor (PowerSGD), which is not a
+    `Compressor` subclass, as a valid `compression`. It declares `rounds`,
+    `aggregations`, `error_feedback_default`, `sign_based`,
+    `carries_magnitude`, `wire_specs`, `wire_bytes` and a Keras config, and
+    an aggregator registered with `aggregators.serves` does its rounds."""
+    _COMPRESSOR_TYPES.append(cls)
     return cls
 
 
