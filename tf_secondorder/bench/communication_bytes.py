@@ -1,5 +1,5 @@
 """`tf-secondorder bytes`: bytes per replica per step of every compressor
-and aggregation protocol, against an uncompressed float32 all-reduce.
+and aggregator, against an uncompressed float32 all-reduce.
 
 For each replica count a fresh process sets up that many logical CPUs (or
 GPUs) and a MirroredStrategy, builds a Dense stack of the given widths, and
@@ -33,7 +33,7 @@ def register(subparsers):
     """Adds `bytes` to the `tf-secondorder` subcommands."""
     p = subparsers.add_parser(
         "bytes",
-        help="bytes per replica per step of every compressor and protocol",
+        help="bytes per replica per step of every compressor and aggregator",
         description=__doc__.split("\n\n", 1)[1],
     )
     p.add_argument(
@@ -86,10 +86,9 @@ def settings(labels):
     """[(compression label, aggregation, CommunicationConfig options)] of
     float32 and the compressors `labels` (of `compression_labels()`)."""
     import tf_secondorder as tfso
-    from tf_secondorder.compression import PowerSGD
 
     c = tfso.compression
-    codecs = [
+    compressors = [
         (
             label,
             (lambda f=VARIANTS[label]: f(c))
@@ -99,28 +98,16 @@ def settings(labels):
         for label in labels
     ]
     rows = [("float32", "mean", dict)]
-    for label, make in codecs:
-        codec = make()
-        rows.append((label, "mean", lambda make=make: {"compression": make()}))
-        if getattr(codec, "sign_based", False):
+    for label, make in compressors:
+        # Every aggregation the compressor declares it works under.
+        for aggregation in make().aggregations:
             rows.append(
                 (
                     label,
-                    "majority_vote",
-                    lambda make=make: {
+                    aggregation,
+                    lambda make=make, aggregation=aggregation: {
                         "compression": make(),
-                        "aggregation": "majority_vote",
-                    },
-                )
-            )
-        if not isinstance(codec, PowerSGD) and not codec.shared_randomness:
-            rows.append(
-                (
-                    label,
-                    "bidirectional",
-                    lambda make=make: {
-                        "compression": make(),
-                        "aggregation": "bidirectional",
+                        "aggregation": aggregation,
                     },
                 )
             )

@@ -1,5 +1,5 @@
 """What each name of `tf-secondorder bench --optimizers` builds: the
-optimizer at a learning rate, with the run's options ("+CODEC" compression,
+optimizer at a learning rate, with the run's options ("+COMPRESSOR" compression,
 "#LABEL" variants, `--option` keyword arguments)."""
 
 import dataclasses
@@ -54,7 +54,7 @@ def _communication_split(options):
 
 
 def _merge(name, communication, given):
-    """`communication` (from "+CODEC") and `given` (options), disjoint."""
+    """`communication` (from "+COMPRESSOR") and `given` (options), disjoint."""
     twice = sorted(set(communication) & set(given))
     if twice:
         raise TypeError(
@@ -82,7 +82,7 @@ def _diloco(
     **options,
 ):
     """DiLoCo: AdamW inside, 32 local steps, an outer Nesterov SGD with lr
-    0.8 and momentum 0.3; "+CODEC" compresses the pseudo-gradients. With
+    0.8 and momentum 0.3; "+COMPRESSOR" compresses the pseudo-gradients. With
     one replica it is AdamW. The paper's outer step (lr 0.7, momentum 0.9)
     overshot at 32 local steps on 2 replicas: 1.39x synchronous Adam's final
     loss on digits-ae and 1.16x on pydoc-lm, against 0.97x and 0.92x with
@@ -107,7 +107,7 @@ def _diloco(
 def _local_sgd(lr, compression=None, average_optimizer_state=True, **options):
     """Local SGD: Adam inside, the replicas' weights (and, unless
     `average_optimizer_state` is false, optimizer state) averaged every 32
-    steps (no outer optimizer); "+CODEC" compresses the averaged change."""
+    steps (no outer optimizer); "+COMPRESSOR" compresses the averaged change."""
     inner, given = _communication_split(options)
     communication = {"average_every": 32}
     communication.update(

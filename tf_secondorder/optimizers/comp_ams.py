@@ -28,8 +28,11 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
     number of workers. That is the paper's theorem, an order of
     convergence; it promises nothing about the loss reached in a given
     number of steps, and this package's measurements show a gap on the
-    digits autoencoder, though not on a byte-level Transformer
-    (docs/benchmarks.md, "1-bit Adam / COMP-AMS"). With one replica (no
+    digits autoencoder and on the digits classifiers (an MLP and a CNN, the
+    paper's kind of task), though not on a byte-level Transformer
+    (docs/benchmarks.md, "1-bit Adam / COMP-AMS"): a block-sign code gives
+    v̂ one magnitude per tensor, and small dense and conv layers need one
+    per element. With one replica (no
     strategy) nothing is compressed and this is AMSGrad.
 
     The first `compression_warmup_steps` (default 32) are all-reduced in full

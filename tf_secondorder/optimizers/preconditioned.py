@@ -16,15 +16,15 @@ import keras
 import tensorflow as tf
 
 from tf_secondorder import validation
-from tf_secondorder.linalg import pack_symmetric, packed_size, unpack_symmetric
+from tf_secondorder.linalg import pack_symmetric, packed_size
 from tf_secondorder.optimizers import preconditioning_options, refresh
 from tf_secondorder.optimizers.base import CommunicatingOptimizer
 from tf_secondorder.optimizers.tensors import (
     compute_dtype,
     dense,
     no_op,
-    read,
     static_shapes,
+    unpack,
 )
 from tf_secondorder.preconditioning import kronecker
 from tf_secondorder.preconditioning.layout import BlockLayout
@@ -365,11 +365,3 @@ def _plain_python(fn):
     # (every branch is an explicit `tf.cond`), and converting it (a few
     # hundred functions) was most of Shampoo's first-step tracing time.
     return tf.autograph.experimental.do_not_convert(fn)
-
-
-def unpack(layout, slot, variable):
-    """A stored statistics slot as [rows, n, n] (unpacked if packed)."""
-    value = read(variable)
-    if value.shape.rank == 2:
-        return unpack_symmetric(value, layout.slots[slot].size)
-    return value

@@ -29,7 +29,7 @@ import tensorflow as tf
 from tf_secondorder.compat.graph import in_xla_context
 from tf_secondorder.distribute import sharding
 from tf_secondorder.optimizers.host import HostRefresh
-from tf_secondorder.optimizers.tensors import no_op, read
+from tf_secondorder.optimizers.tensors import no_op, read, unpack
 
 ROOT_REFRESH = ("auto", "pipelined", "in_step")
 
@@ -147,8 +147,6 @@ class RootRefresh:
         self.snapshot_step.assign(0)
 
     def snapshot_statistic(self, slot):
-        from tf_secondorder.optimizers.preconditioned import unpack
-
         return unpack(self.layout, slot, self.snapshot[slot])
 
     def _timed(self, fn, count=False):

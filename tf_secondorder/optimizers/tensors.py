@@ -2,6 +2,8 @@
 
 import tensorflow as tf
 
+from tf_secondorder.linalg import unpack_symmetric
+
 
 def compute_dtype(variable):
     """float64 for float64 models, float32 otherwise (also under mixed precision)."""
@@ -53,3 +55,11 @@ def concat_rows(tensors):
 def split_rows(tensor, sizes):
     """The inverse of `concat_rows` for pieces of `sizes` rows."""
     return [tensor] if len(sizes) == 1 else tf.split(tensor, sizes, axis=0)
+
+
+def unpack(layout, slot, variable):
+    """A stored statistics slot as [rows, n, n] (unpacked if packed)."""
+    value = read(variable)
+    if value.shape.rank == 2:
+        return unpack_symmetric(value, layout.slots[slot].size)
+    return value
