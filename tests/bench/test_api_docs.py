@@ -112,3 +112,39 @@ def test_pdoc_builds_the_reference(tmp_path):
     for name in ("Shampoo", "SOAP", "SignSGD", "distributed"):
         assert f'id="{name}"' in page
     assert (tmp_path / "index.html").exists()
+
+
+def public_names():
+    """(qualified name, object) of every name in a package `__all__` and of
+    each public method or property its classes define in this package."""
+    for name in package_modules():
+        module = importlib.import_module(name)
+        if not hasattr(module, "__path__"):
+            continue  # `__all__` of the (sub)packages is the public API
+        for exported in getattr(module, "__all__", []):
+            obj = getattr(module, exported)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            yield f"{name}.{exported}", obj
+            if not inspect.isclass(obj):
+                continue
+            for attribute in dir(obj):
+                if attribute.startswith("_"):
+                    continue
+                member = inspect.getattr_static(obj, attribute, None)
+                member = getattr(member, "__func__", member)
+                if isinstance(member, property):
+                    member = member.fget
+                if inspect.isfunction(member) and member.__module__.startswith(
+                    tf_secondorder.__name__
+                ):
+                    yield f"{name}.{exported}.{attribute}", getattr(obj, attribute)
+
+
+def test_every_public_name_has_a_docstring():
+    # inspect.getdoc takes an override's docstring from the method it
+    # overrides, as pdoc shows it.
+    bare = sorted(
+        {where for where, obj in public_names() if not (inspect.getdoc(obj) or "")}
+    )
+    assert not bare, "public names without a docstring:\n" + "\n".join(bare)

@@ -63,6 +63,7 @@ class BackupAndRestore(keras.callbacks.Callback):
 
     @property
     def worker_dir(self):
+        """This worker's own backup folder, `backup_dir/worker-<i>`."""
         strategy = self.model.distribute_strategy
         return os.path.join(self.backup_dir, f"worker-{trainer.worker_index(strategy)}")
 

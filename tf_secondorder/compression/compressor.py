@@ -95,10 +95,12 @@ class Compressor:
         )
 
     def get_config(self):
+        """The arguments that rebuild this compressor (Keras serialization)."""
         return {}
 
     @classmethod
     def from_config(cls, config):
+        """The compressor `config` (from `get_config`) describes."""
         return cls(**config)
 
     def __eq__(self, other):
@@ -146,6 +148,7 @@ def register_multi_round(cls):
 
 
 def names():
+    """Names accepted as `compression="..."`, sorted."""
     return sorted(_REGISTRY)
 
 

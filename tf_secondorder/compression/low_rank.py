@@ -73,16 +73,20 @@ class PowerSGD:
         return [((rows, rank), tf.float32), ((cols, rank), tf.float32)]
 
     def wire_bytes(self, shape):
+        """Exact bytes one replica hands to collectives for a tensor of `shape`:
+        both rounds' factors, P [rows, rank] and Q [cols, rank], in float32."""
         return sum(
             int(np.prod(s, dtype=np.int64)) * tf.as_dtype(d).size
             for s, d in self.wire_specs(shape)
         )
 
     def get_config(self):
+        """The arguments that rebuild this compressor: `rank` and `seed`."""
         return {"rank": self.rank, "seed": self.seed}
 
     @classmethod
     def from_config(cls, config):
+        """The compressor `config` (from `get_config`) describes."""
         return cls(**config)
 
     def __eq__(self, other):

@@ -130,6 +130,7 @@ class GrowingBatchSchedule:
         return len(self.batch_sizes())
 
     def get_config(self):
+        """The arguments that rebuild this schedule."""
         return {
             "initial_batch_size": self.initial_batch_size,
             "growth_factor": self.growth_factor,

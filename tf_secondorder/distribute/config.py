@@ -211,6 +211,8 @@ class CommunicationConfig:
 
     @property
     def local_sgd(self):
+        """Whether replicas train on their own between averages (`average_every`
+        set: local SGD or DiLoCo)."""
         return self.average_every is not None
 
     def get_config(self):

@@ -47,6 +47,7 @@ class SaddleEscape:
         self.seed = validation.integer("seed", seed, 0, (1 << 31) - 1)
 
     def get_config(self):
+        """The arguments that rebuild this saddle escape."""
         return {
             "threshold": self.threshold,
             "radius": self.radius,
@@ -56,6 +57,7 @@ class SaddleEscape:
 
     @classmethod
     def from_config(cls, config):
+        """The saddle escape `config` (from `get_config`) describes."""
         return cls(**config)
 
     def __repr__(self):

@@ -57,6 +57,7 @@ class Region:
 
     @property
     def num_blocks(self):
+        """Blocks the tensor is cut into."""
         return int(np.prod(self.counts, dtype=np.int64))
 
     @property
@@ -113,6 +114,7 @@ class BlockPartitioner:
 
     @property
     def num_blocks(self):
+        """Blocks of all regions together."""
         return sum(r.num_blocks for r in self.regions)
 
     def partition(self, tensor):

@@ -55,6 +55,8 @@ class CommunicatingOptimizer(KerasStepHooks):
         keras_patches.install_callback_injection(automatic_callbacks)
 
     def build(self, var_list):
+        """Keras's state for `var_list`, then the communicator's (error-feedback
+        memories, local-SGD copies, byte counters)."""
         if self.built:
             return
         super().build(var_list)
@@ -68,6 +70,9 @@ class CommunicatingOptimizer(KerasStepHooks):
         return None
 
     def reduce_gradients(self, grads_and_vars):
+        """The gradients every replica applies: each replica's, transformed
+        (`local_transform`), compressed and aggregated as the communication
+        options say (`Communicator.reduce`)."""
         keys = [
             self._get_variable_index(v) if g is not None else None
             for g, v in grads_and_vars
@@ -81,6 +86,10 @@ class CommunicatingOptimizer(KerasStepHooks):
         )
 
     def apply_reduced_gradients(self, strategy, grads_and_vars, learning_rate):
+        """Weight decay and the update from the aggregated gradients, inside the
+        communicator's step (non-finite guard, local-SGD averages, saddle
+        escape)."""
+
         def update(grads_and_vars):
             self.keras_weight_decay(strategy, [v for _, v in grads_and_vars])
             self.update_variables(strategy, grads_and_vars, learning_rate)
@@ -88,6 +97,8 @@ class CommunicatingOptimizer(KerasStepHooks):
         self.communicator.step(strategy, grads_and_vars, update, self.iterations)
 
     def update_variables(self, strategy, grads_and_vars, learning_rate):
+        """The optimizer's own update of every variable (Keras's per-variable
+        `update_step` unless an optimizer batches them)."""
         self.keras_update_variables(strategy, grads_and_vars, learning_rate)
 
     def step_was_skipped(self):
@@ -179,6 +190,8 @@ class CommunicatingOptimizer(KerasStepHooks):
     # -- saving ------------------------------------------------------------------
 
     def save_own_variables(self, store):
+        """Keras's saving, plus every replica's copy of state that differs
+        between replicas under local SGD."""
         # Under local SGD a replica's optimizer state may differ from the
         # others' (DiLoCo's inner state, SOAP's bases): keep every replica's.
         per_replica = []
@@ -187,6 +200,8 @@ class CommunicatingOptimizer(KerasStepHooks):
         replica_state.save_per_replica(self.variables, store, per_replica)
 
     def load_own_variables(self, store):
+        """Keras's loading, plus the per-replica copies `save_own_variables`
+        wrote."""
         plain, per_replica = replica_state.split_per_replica(self.variables, store)
         super().load_own_variables(plain)
         if len(plain) == len(self.variables):

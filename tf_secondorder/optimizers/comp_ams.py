@@ -124,6 +124,8 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
             setattr(self, key, value)
 
     def build(self, var_list):
+        """The optimizer's slots for `var_list` (the class docstring lists
+        them), then the communicator's state."""
         if self.built:
             return
         super().build(var_list)
@@ -132,6 +134,8 @@ class CompAMS(CommunicatingOptimizer, keras.optimizers.Optimizer):
         self._velocity_maxima = self.add_optimizer_variables(var_list, "velocity_max")
 
     def update_step(self, gradient, variable, learning_rate):
+        """AMSGrad's update of `variable` from the aggregated `gradient` (the
+        class docstring has the rule)."""
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         gradient = tf.cast(gradient, dtype)

@@ -149,6 +149,8 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
             setattr(self, key, value)
 
     def build(self, var_list):
+        """The optimizer's slots for `var_list` (the class docstring lists
+        them), then the communicator's state."""
         if self.built:
             return
         super().build(var_list)
@@ -172,6 +174,8 @@ class OneBitAdam(CommunicatingOptimizer, keras.optimizers.Optimizer):
         return own_momenta
 
     def update_step(self, gradient, variable, learning_rate):
+        """1-bit Adam's update of `variable` from the aggregated `gradient`
+        (the class docstring has the rule)."""
         index = self._get_variable_index(variable)
         dtype = variable.dtype
         gradient = tf.cast(gradient, dtype)

@@ -100,13 +100,16 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     @property
     def statistics_beta(self):
+        """Decay of the statistics' running average (the subclass's option)."""
         raise NotImplementedError
 
     @property
     def start_step(self):
+        """First step whose update is preconditioned (the subclass's option)."""
         raise NotImplementedError
 
     def make_layout(self, var_list):
+        """How `var_list` is reshaped and cut into blocks (`BlockLayout`)."""
         return BlockLayout(
             [v.shape for v in var_list],
             self.block_size,
@@ -153,6 +156,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         return not any(name in path for name in names)
 
     def build(self, var_list):
+        """The per-variable state (moments, grafting) and the stacked per-block
+        state (statistics, roots or bases, the refresh's snapshot)."""
         if self.built:
             return
         super().build(var_list)
@@ -190,6 +195,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         return self._root_refresh.waits
 
     def step_number(self):
+        """The step being taken, counted from 1, as int32."""
         # int32: modular arithmetic on int64 is not available on TPU.
         return tf.cast(self.iterations, tf.int32) + 1
 

@@ -346,6 +346,9 @@ class Shampoo(PreconditionedOptimizer):
             self.assign(variable, tf.cast(root, variable.dtype))
 
     def update_step(self, gradient, variable, learning_rate):
+        """Shampoo's update of one variable from its aggregated `gradient`:
+        statistics, the preconditioned and grafted direction, momentum, weight
+        decay and the learning rate (the class docstring has the rule)."""
         self.update_all([gradient], [variable], learning_rate)
 
     def update_all(self, grads, variables, learning_rate):

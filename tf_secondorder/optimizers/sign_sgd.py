@@ -89,6 +89,8 @@ class SignSGD(CommunicatingOptimizer, keras.optimizers.Optimizer):
         self.momentum = momentum
 
     def build(self, var_list):
+        """The optimizer's slots for `var_list` (the class docstring lists
+        them), then the communicator's state."""
         if self.built:
             return
         super().build(var_list)
@@ -118,6 +120,8 @@ class SignSGD(CommunicatingOptimizer, keras.optimizers.Optimizer):
         return momenta
 
     def update_step(self, gradient, variable, learning_rate):
+        """The signed step of `variable` from the aggregated `gradient` (the
+        class docstring has the rule)."""
         lr = tf.cast(learning_rate, variable.dtype)
         self.assign_sub(variable, _signed_step(tf.cast(gradient, variable.dtype), lr))
 

@@ -317,6 +317,9 @@ class SOAP(PreconditionedOptimizer):
                 self.assign(graft, tf.where(first, tf.zeros_like(graft), read(graft)))
 
     def update_step(self, gradient, variable, learning_rate):
+        """SOAP's update of one variable from its aggregated `gradient`: Adam's
+        moments in the eigenbasis, grafted to Adam's step length (the class
+        docstring has the rule)."""
         self.update_all([gradient], [variable], learning_rate)
 
     def update_all(self, grads, variables, learning_rate):
