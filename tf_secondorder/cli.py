@@ -28,7 +28,7 @@ def prepare_data(args):
         return 2
     from tf_secondorder.bench import tfds_builders
 
-    for name, builder in tfds_builders.prepare(args.data_dir).items():
+    for name, builder in tfds_builders.prepare(args.data_dir, announce=False).items():
         print(f"{name}: {os.fspath(builder.data_path)}")
     return 0
 

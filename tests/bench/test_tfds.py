@@ -44,6 +44,19 @@ def test_prepare_reuses_what_is_there(data_dir):
         tfds_builders.prepare(data_dir, ["digits"])
 
 
+def test_a_first_build_prints_one_line_per_dataset(tmp_path, capfd):
+    tfds_builders.prepare(str(tmp_path))
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [
+        f"built the TFDS dataset {name} in {tmp_path}/{name}/1.0.0"
+        for name in ("sklearn_digits", "pydoc_topics")
+    ]
+    # TFDS's progress bars, banner and absl's warnings are held back.
+    assert "WARNING" not in err and "%|" not in err, err
+    tfds_builders.prepare(str(tmp_path))  # prepared: nothing to say
+    assert capfd.readouterr().out == ""
+
+
 def test_prepare_data_command(tmp_path, capsys):
     assert cli.main(["prepare-data", "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,10 @@ digits = tfds.load("sklearn_digits", split="train", data_dir=data_dir)
 `tf-secondorder prepare-data [--data-dir DIR]` prepares both.
 """
 
+import contextlib
 import hashlib
+import io
+import logging
 import sys
 
 import numpy as np
@@ -119,12 +122,30 @@ class PydocTopics(tfds.core.GeneratorBasedBuilder):
 BUILDERS = {"sklearn_digits": SklearnDigits, "pydoc_topics": PydocTopics}
 
 
-def prepare(data_dir=None, names=None):
+@contextlib.contextmanager
+def _quiet():
+    """TFDS's build output held back (its progress bars, its banner, absl's
+    warning that a new dataset folder has no dataset_info.json yet): a first
+    bench run prints one line per dataset instead. Yields the held-back text,
+    which the caller prints if the build fails."""
+    captured = io.StringIO()
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield captured
+    finally:
+        absl.setLevel(level)
+
+
+def prepare(data_dir=None, names=None, announce=True):
     """Builds the offline datasets (`names`, default all) into `data_dir`.
 
     `data_dir` defaults to TFDS's data dir (`TFDS_DATA_DIR` or
     `~/tensorflow_datasets`). A dataset already prepared there is reused.
-    Nothing is downloaded. Returns {name: builder}.
+    Nothing is downloaded. With `announce`, each dataset built prints one
+    line (TFDS's own progress output is held back). Returns {name: builder}.
     """
     names = list(BUILDERS) if names is None else list(names)
     unknown = sorted(set(names) - set(BUILDERS))
@@ -138,14 +159,22 @@ def prepare(data_dir=None, names=None):
     )
     builders = {}
     for name in names:
-        builder = BUILDERS[name](data_dir=data_dir)
-        if not builder.is_prepared():
-            try:
-                builder.download_and_prepare(download_config=config)
-            except OSError:
-                # Another process may have finished the same dataset first.
-                builder = BUILDERS[name](data_dir=data_dir)
-                if not builder.is_prepared():
+        with _quiet() as captured:
+            builder = BUILDERS[name](data_dir=data_dir)
+            built = not builder.is_prepared()
+            if built:
+                try:
+                    builder.download_and_prepare(download_config=config)
+                except OSError:
+                    # Another process may have finished the same dataset first.
+                    builder = BUILDERS[name](data_dir=data_dir)
+                    if not builder.is_prepared():
+                        print(captured.getvalue(), file=sys.stderr, end="")
+                        raise
+                except BaseException:
+                    print(captured.getvalue(), file=sys.stderr, end="")
                     raise
+        if built and announce:
+            print(f"built the TFDS dataset {name} in {builder.data_dir}", flush=True)
         builders[name] = builder
     return builders
