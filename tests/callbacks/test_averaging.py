@@ -4,7 +4,6 @@ export with the mean, training on from the last iterate, MirroredStrategy."""
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.helpers import mlp, regression_data, replica_values
@@ -165,8 +164,8 @@ def test_a_saved_model_holds_the_mean(tmp_path):
     _assert_mean([w.numpy() for w in loaded.trainable_variables], want, n)
 
 
-def test_under_mirrored_strategy_every_replica_holds_the_same_mean():
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+def test_under_mirrored_strategy_every_replica_holds_the_same_mean(mirrored):
+    strategy = mirrored
     averaging = tfso.callbacks.IterateAveraging(start_step=3)
     model, recorder = _train(averaging, strategy=strategy)
     n, want = _numpy_mean(recorder.iterates, 3, 1)
