@@ -49,13 +49,22 @@ def reference(gradients, lr, memory=True, compress=scaled_sign):
     return weights, worker, server
 
 
-def run(strategy, gradients, lr, compression="scaled_sign", **options):
+def run(
+    strategy,
+    gradients,
+    lr,
+    compression="scaled_sign",
+    aggregation="bidirectional",
+    **options,
+):
+    """Plain SGD on variables of SHAPES: step t hands replica i the flat
+    gradient gradients[t][i]."""
     with strategy.scope():
         variables = [keras.Variable(np.zeros(s, "float32")) for s in SHAPES]
         optimizer = tfso.distributed(
             keras.optimizers.SGD(lr),
             compression=compression,
-            aggregation="bidirectional",
+            aggregation=aggregation,
             **options,
         )
         optimizer.build(variables)

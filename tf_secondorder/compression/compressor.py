@@ -61,19 +61,29 @@ class Compressor:
     @property
     def aggregations(self):
         """The `aggregation` values this compressor works under: a vote needs
-        signs; the bidirectional exchange has one replica decode another's
-        code alone, which shared randomness rules out."""
+        signs; the bidirectional exchanges have one replica decode another's
+        code alone, which shared randomness rules out, and Artemis's memory
+        learns the gradient from the decoded values, which plain signs do
+        not estimate."""
         accepted = ["mean"]
         if self.sign_based:
             accepted.append("majority_vote")
         if not self.shared_randomness:
             accepted.append("bidirectional")
+            if self.carries_magnitude:
+                accepted.append("artemis")
         return tuple(accepted)
 
     @property
     def error_feedback_default(self):
         """Whether error feedback is on when the user leaves it at None."""
         return not self.unbiased
+
+    def variance_bound(self, shape):
+        """ω with E‖decode(encode(x)) − x‖² ≤ ω·‖x‖² for every x of `shape`
+        (an unbiased compressor's variance factor), or None where no bound
+        is declared. Artemis sizes its memory's step by it."""
+        return None
 
     def encode(self, x, seed):
         """Wire tensors for a float32 tensor `x`; `seed`: int64 [2]."""

@@ -41,6 +41,11 @@ class QSGD(Compressor):
         bucket = d if self.bucket_size is None else min(self.bucket_size, d)
         return -(-d // bucket), bucket
 
+    def variance_bound(self, shape):
+        """min(B/s², √B/s) for buckets of B elements (Alistarh Lemma 3.1)."""
+        _, bucket = self._buckets(shape)
+        return min(bucket / self.levels**2, np.sqrt(bucket) / self.levels)
+
     def encode(self, x, seed):
         count, size = self._buckets(x.shape)
         flat = tf.reshape(x, [-1])
@@ -91,6 +96,13 @@ class TernGrad(Compressor):
     @property
     def unbiased(self):
         return self.clip is None
+
+    def variance_bound(self, shape):
+        """Unclipped: E‖C(x) − x‖² = s‖x‖₁ − ‖x‖² ≤ (√d − 1)‖x‖², as
+        s = max|x| ≤ ‖x‖₂ and ‖x‖₁ ≤ √d‖x‖₂."""
+        if self.clip is not None:
+            return None
+        return float(np.sqrt(num_elements(shape))) - 1.0
 
     def encode(self, x, seed):
         flat = tf.reshape(x, [-1])
@@ -146,6 +158,11 @@ class Natural(Compressor):
         if levels is not None:
             needed = 1 + int(np.ceil(np.log2(levels + 1)))
             self.bits = min(b for b in packing.FIELD_WIDTHS if b >= needed)
+
+    def variance_bound(self, shape):
+        """1/8 for natural compression (Horváth et al., Theorem 1); none
+        declared for dithering."""
+        return 1.0 / 8.0 if self.levels is None else None
 
     def encode(self, x, seed):
         flat = tf.reshape(x, [-1])
@@ -244,6 +261,12 @@ class Int8(Compressor):
         d = num_elements(shape)
         bucket = min(self.bucket_size, d)
         return -(-d // bucket), bucket
+
+    def variance_bound(self, shape):
+        """B/(4L²): each element's rounding variance is at most (s/L)²/4 with
+        s = max|b_i| ≤ ‖b‖₂, over a bucket of B elements."""
+        _, bucket = self._buckets(shape)
+        return bucket / (4.0 * self.levels**2)
 
     def encode(self, x, seed):
         count, size = self._buckets(x.shape)

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_secondorder.distribute import aggregators
+from tf_secondorder.distribute.artemis import Artemis
 from tf_secondorder.distribute.bidirectional import Bidirectional
 from tf_secondorder.distribute.channel import Channel
 from tf_secondorder.distribute.error_feedback import ErrorFeedback
@@ -49,6 +50,8 @@ def make_aggregator(config):
     own = aggregators.served_by(compressor)
     if own is not None:
         aggregator = own(compressor)
+    elif config.aggregation == "artemis":
+        aggregator = Artemis(compressor, config.memory_rate, config.participation)
     elif config.aggregation == "bidirectional":
         aggregator = Bidirectional(compressor, server_memory=config.uses_error_feedback)
     elif config.aggregation == "majority_vote":

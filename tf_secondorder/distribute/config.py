@@ -8,8 +8,9 @@ import tensorflow as tf
 from tf_secondorder import validation
 from tf_secondorder.compression import compressor as compressors
 from tf_secondorder.distribute import saddle
+from tf_secondorder.distribute.artemis import default_memory_rate
 
-AGGREGATIONS = ("mean", "majority_vote", "bidirectional")
+AGGREGATIONS = ("mean", "majority_vote", "bidirectional", "artemis")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,9 @@ class CommunicationConfig:
             update is the sign of the replicas' summed signs); or
             `"bidirectional"` (the mean is compressed again on its way back,
             with worker and server memories: O(d) bytes per replica at any
-            replica count).
+            replica count); or `"artemis"` (the same exchange, with Artemis's
+            worker memory that learns each replica's gradient instead of
+            error feedback; `memory_rate`, `participation`).
         average_every: `None`, or I >= 1 for local SGD: replicas step on
             their own gradients and average weights and optimizer state
             every I steps (one collective per I steps).
@@ -54,6 +57,13 @@ class CommunicationConfig:
             (name or instance, e.g. `"fp16"`, `"int8"`) for the
             pseudo-gradients, with a per-replica error-feedback memory of
             its own.
+        memory_rate: with `aggregation="artemis"`, α in (0, 1], the step of
+            the memories h_i ← h_i + α·C(g_i − h_i). `None`: 1/(2(ω + 1))
+            for an unbiased compressor of variance factor ω (the paper's
+            choice), 1 for a biased one (`distribute/artemis.py`).
+        participation: with `aggregation="artemis"`, p in (0, 1]: each
+            replica takes part in a step with probability p (drawn alike on
+            every replica); the others contribute their memory.
     """
 
     compression: object = None
@@ -66,6 +76,8 @@ class CommunicationConfig:
     full_precision_every: object = None
     outer_optimizer: object = None
     average_compression: object = None
+    memory_rate: object = None
+    participation: float = 1.0
 
     def __post_init__(self):
         def set_(name, value):
@@ -106,6 +118,18 @@ class CommunicationConfig:
                 "compression_warmup_steps", self.compression_warmup_steps, 0
             ),
         )
+        set_(
+            "memory_rate",
+            validation.number(
+                "memory_rate", self.memory_rate, 0.0, 1.0, low_open=True, optional=True
+            ),
+        )
+        set_(
+            "participation",
+            validation.number(
+                "participation", self.participation, 0.0, 1.0, low_open=True
+            ),
+        )
         self._check_combinations()
 
     def _check_combinations(self):
@@ -130,6 +154,16 @@ class CommunicationConfig:
                 f"'randomk'); compression is {compression!r}",
                 self.aggregation,
             )
+        if self.aggregation == "artemis":
+            self._check_artemis()
+        else:
+            for name, default in (("memory_rate", None), ("participation", 1.0)):
+                if getattr(self, name) != default:
+                    validation.fail(
+                        name,
+                        f"{default} unless `aggregation` is 'artemis'",
+                        getattr(self, name),
+                    )
         if self.compression_warmup_steps and compression is None:
             validation.fail(
                 "compression_warmup_steps",
@@ -188,6 +222,32 @@ class CommunicationConfig:
                 self.saddle_escape,
             )
 
+    def _check_artemis(self):
+        compression = self.compression
+        if "artemis" not in (() if compression is None else compression.aggregations):
+            validation.fail(
+                "aggregation",
+                "'mean' (or 'bidirectional') unless `compression` is a compressor "
+                "whose code one replica can decode alone and whose values carry "
+                "magnitudes (not None, 'sign', 'powersgd' or 'randomk'); "
+                f"compression is {compression!r}",
+                self.aggregation,
+            )
+        if self.error_feedback:
+            validation.fail(
+                "error_feedback",
+                "None or False with aggregation='artemis' (its memory learns "
+                "the gradient; error feedback is the 'bidirectional' mode)",
+                self.error_feedback,
+            )
+        if self.memory_rate is None and default_memory_rate(compression, (1,)) is None:
+            validation.fail(
+                "memory_rate",
+                f"a number in (0, 1] for {compression!r}, which declares no "
+                "variance bound to size the default by",
+                None,
+            )
+
     @property
     def uses_error_feedback(self):
         """Resolved `error_feedback`. Under majority vote the default is off:
@@ -196,6 +256,8 @@ class CommunicationConfig:
             return False
         if self.error_feedback is not None:
             return self.error_feedback
+        if self.aggregation == "artemis":
+            return False
         if self.aggregation == "bidirectional":
             return True
         return self.aggregation == "mean" and self.compression.error_feedback_default
@@ -234,6 +296,8 @@ class CommunicationConfig:
                 else keras.optimizers.serialize(self.outer_optimizer)
             ),
             "average_compression": _name_or_config(self.average_compression),
+            "memory_rate": self.memory_rate,
+            "participation": self.participation,
         }
 
     @classmethod
