@@ -6,11 +6,11 @@ GPUs) and a MirroredStrategy, builds a Dense stack of the given widths, and
 trains `STEPS` steps of `tfso.distributed(SGD)` for each setting: float32,
 then every registered compressor (`tfso.compression.names()`) and a few
 non-default variants, each with the "mean" aggregation and, where the
-compressor allows them, "majority_vote" and "bidirectional". The counts come
-from `optimizer.communication_stats()` after those steps: the bytes a
-replica hands to collectives in the last step (sent) and the bytes the
-collectives deliver to it (received), each as a ratio to the float32 row of
-the same process.
+compressor allows them, "majority_vote", "bidirectional" and "artemis".
+The counts come from `optimizer.communication_stats()` after those steps:
+the bytes a replica hands to collectives in the last step (sent) and the
+bytes the collectives deliver to it (received), each as a ratio to the
+float32 row of the same process.
 """
 
 import argparse
@@ -108,6 +108,9 @@ def settings(labels):
                     lambda make=make, aggregation=aggregation: {
                         "compression": make(),
                         "aggregation": aggregation,
+                        # Bytes do not depend on Artemis's α; a compressor
+                        # without a variance bound has no default.
+                        **({"memory_rate": 0.5} if aggregation == "artemis" else {}),
                     },
                 )
             )

@@ -3,7 +3,7 @@
 - `config`: `CommunicationConfig`, the options, validated once;
 - `communicator`: the order of one step's pieces (reduce, guard, update);
 - `channel`: a step's collectives, batched and counted;
-- `aggregators`, `bidirectional`, `voting`: aggregators over the channel;
+- `aggregators`, `bidirectional`, `artemis`, `voting`: aggregators over the channel;
 - `error_feedback`: the memory wrapped around any aggregator;
 - `seeds`: the seed of each compressor call;
 - `local_sgd`, `saddle`: pieces of the cross-replica step;

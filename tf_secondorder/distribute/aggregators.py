@@ -18,6 +18,7 @@ aggregator keeps between steps is created in `build` and assigned through
   all-gathered or tallied by shard owners.
 - `PowerSGDMean`: PowerSGD's two all-reduces with a warm-started factor.
 - `Bidirectional` (`bidirectional.py`): each replica serves 1/N of the mean.
+- `Artemis` (`artemis.py`): the same exchange, memories that learn the gradient.
 
 A compressor of more than one round (`rounds > 1`, PowerSGD) is served by
 the aggregator registered for its class with `@serves(...)`; the others by

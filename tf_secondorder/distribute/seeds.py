@@ -2,7 +2,7 @@
 replica in one step.
 
 Every aggregator and the compressed local-SGD average derive it here, so a
-replica decoding another's code (a gather, the bidirectional server) finds
+replica decoding another's code (a gather, the bidirectional and Artemis servers) finds
 the seed that replica encoded with.
 """
 
