@@ -50,6 +50,23 @@ def weights_of(model):
     return [w.numpy() if hasattr(w, "numpy") else np.asarray(w) for w in model.weights]
 
 
+def resume_mid_run(strategy, make_model, fit, path, check_restored=None):
+    """(resumed, uninterrupted) models: one fit for 2 epochs; the other fit
+    for 1, saved to `path`, loaded under `strategy` (`check_restored(model)`
+    then looks at what the file brought back) and fit for 1 more."""
+    with strategy.scope():
+        uninterrupted, first = make_model(), make_model()
+    fit(uninterrupted, 2)
+    fit(first, 1)
+    first.save(path)
+    with strategy.scope():
+        resumed = keras.saving.load_model(path)
+    if check_restored is not None:
+        check_restored(resumed)
+    fit(resumed, 1)
+    return resumed, uninterrupted
+
+
 def optimizer_state(optimizer):
     """All optimizer variables as NumPy arrays (bfloat16 widened, exactly)."""
     return [

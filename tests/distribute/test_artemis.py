@@ -7,7 +7,12 @@ import tensorflow as tf
 
 import tf_secondorder as tfso
 from tests.distribute.test_bidirectional import bfloat16, run, scaled_sign
-from tests.helpers import regression_data, replica_values, weights_of
+from tests.helpers import (
+    regression_data,
+    replica_values,
+    resume_mid_run,
+    weights_of,
+)
 from tf_secondorder.compat import testing
 from tf_secondorder.distribute.artemis import default_memory_rate, participants
 
@@ -180,18 +185,15 @@ def test_fit_resume_equals_uninterrupted(mirrored, tmp_path):
     def fit(net, epochs):
         net.fit(x[:64], y[:64], batch_size=16, epochs=epochs, verbose=0, shuffle=False)
 
-    with mirrored.scope():
-        uninterrupted, first = model(), model()
-    fit(uninterrupted, 2)
-    fit(first, 1)
-    first.save(tmp_path / "artemis.keras")
-    with mirrored.scope():
-        resumed = keras.saving.load_model(tmp_path / "artemis.keras")
-    aggregator = resumed.optimizer.communicator.aggregator
-    assert (aggregator.memory_rate, aggregator.participation) == (0.5, 0.75)
-    workers, _ = memories(resumed.optimizer)
-    assert np.abs(workers[0] - workers[1]).max() > 0  # per replica, restored
-    fit(resumed, 1)
+    def restored(net):
+        aggregator = net.optimizer.communicator.aggregator
+        assert (aggregator.memory_rate, aggregator.participation) == (0.5, 0.75)
+        workers, _ = memories(net.optimizer)
+        assert np.abs(workers[0] - workers[1]).max() > 0  # per replica
+
+    resumed, uninterrupted = resume_mid_run(
+        mirrored, model, fit, tmp_path / "artemis.keras", restored
+    )
     for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

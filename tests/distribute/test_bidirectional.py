@@ -6,7 +6,12 @@ import pytest
 import tensorflow as tf
 
 import tf_secondorder as tfso
-from tests.helpers import regression_data, replica_values, weights_of
+from tests.helpers import (
+    regression_data,
+    replica_values,
+    resume_mid_run,
+    weights_of,
+)
 from tf_secondorder.compat import testing
 
 SHAPES = [(5,), (3, 2)]  # 11 elements: chunks of 6 cross the variables
@@ -171,16 +176,13 @@ def test_fit_resume_equals_uninterrupted(mirrored, tmp_path):
     def fit(net, epochs):
         net.fit(x[:64], y[:64], batch_size=16, epochs=epochs, verbose=0, shuffle=False)
 
-    with mirrored.scope():
-        uninterrupted, first = model(), model()
-    fit(uninterrupted, 2)
-    fit(first, 1)
-    first.save(tmp_path / "bidirectional.keras")
-    with mirrored.scope():
-        resumed = keras.saving.load_model(tmp_path / "bidirectional.keras")
-    servers = resumed.optimizer.communicator.aggregator.inner.memory.replica_values()
-    assert np.abs(servers[0] - servers[1]).max() > 0  # per replica, restored
-    fit(resumed, 1)
+    def restored(net):
+        servers = net.optimizer.communicator.aggregator.inner.memory.replica_values()
+        assert np.abs(servers[0] - servers[1]).max() > 0  # per replica
+
+    resumed, uninterrupted = resume_mid_run(
+        mirrored, model, fit, tmp_path / "bidirectional.keras", restored
+    )
     for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 

@@ -16,6 +16,10 @@ import pytest
 from tests.distribute import majority_vote_run as run
 from tf_secondorder.distribute import voting
 
+# One test process runs the whole module (setup.cfg: `--dist loadgroup`), so
+# the module-scoped `runs` starts each replica count's process once.
+pytestmark = pytest.mark.xdist_group("majority_vote")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = [int(np.prod(s)) for s in run.SHAPES]
 # 4 and 8 replicas start a process each (about a minute on 2 cores).
