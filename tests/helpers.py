@@ -50,12 +50,26 @@ def weights_of(model):
     return [w.numpy() if hasattr(w, "numpy") else np.asarray(w) for w in model.weights]
 
 
-def resume_mid_run(strategy, make_model, fit, path, check_restored=None):
-    """(resumed, uninterrupted) models: one fit for 2 epochs; the other fit
-    for 1, saved to `path`, loaded under `strategy` (`check_restored(model)`
-    then looks at what the file brought back) and fit for 1 more."""
+def resume_mid_run(strategy, make_optimizer, path, check_restored=None):
+    """(resumed, uninterrupted): a linear regression (Dense 8 -> 3, MSE,
+    `regression_data`'s first 64 rows, batch 16) compiled with
+    `make_optimizer()` under `strategy`; one model fit for 2 epochs, the
+    other fit for 1, saved to `path`, loaded under `strategy`
+    (`check_restored(model)` then looks at what the file brought back) and
+    fit for 1 more."""
+    x, y = regression_data()
+
+    def model():
+        keras.utils.set_random_seed(0)
+        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+        net.compile(optimizer=make_optimizer(), loss="mse")
+        return net
+
+    def fit(net, epochs):
+        net.fit(x[:64], y[:64], batch_size=16, epochs=epochs, verbose=0, shuffle=False)
+
     with strategy.scope():
-        uninterrupted, first = make_model(), make_model()
+        uninterrupted, first = model(), model()
     fit(uninterrupted, 2)
     fit(first, 1)
     first.save(path)

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tf_secondorder as tfso
-from tests.helpers import regression_data, replica_values, weights_of
+from tests.helpers import regression_data, replica_values, resume_mid_run, weights_of
 
 SHAPES = [(5,), (3, 2)]  # 11 elements: bidirectional chunks of 6 cross them
 
@@ -276,30 +276,16 @@ def test_one_bit_adam_alone_is_adam_then_frozen_variance():
     ids=["comp_ams", "one_bit_adam"],
 )
 def test_save_load_resume_equals_uninterrupted(mirrored, tmp_path, make):
-    x, y = regression_data()
+    def restored(net):
+        memories = net.optimizer.communicator.aggregator.memories
+        assert any(
+            np.abs(m.replica_values()[0] - m.replica_values()[1]).max() > 0
+            for m in memories
+        )
 
-    def model():
-        keras.utils.set_random_seed(0)
-        net = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
-        net.compile(optimizer=make(), loss="mse")
-        return net
-
-    def fit(net, epochs):
-        net.fit(x[:64], y[:64], batch_size=16, epochs=epochs, verbose=0, shuffle=False)
-
-    with mirrored.scope():
-        uninterrupted, first = model(), model()
-    fit(uninterrupted, 2)
-    fit(first, 1)
-    first.save(tmp_path / "resume.keras")
-    with mirrored.scope():
-        resumed = keras.saving.load_model(tmp_path / "resume.keras")
-    memories = resumed.optimizer.communicator.aggregator.memories
-    assert any(
-        np.abs(m.replica_values()[0] - m.replica_values()[1]).max() > 0
-        for m in memories
+    resumed, uninterrupted = resume_mid_run(
+        mirrored, make, tmp_path / "resume.keras", restored
     )
-    fit(resumed, 1)
     # The same ops on the same devices from the same state: equal bits.
     for a, b in zip(weights_of(resumed), weights_of(uninterrupted)):
         np.testing.assert_array_equal(a, b)
