@@ -144,6 +144,73 @@ def test_checkpoint_between_snapshot_and_install_resumes_exactly(name, tmp_path)
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+def _drive_until_install(next_steps):
+    """Steps 1..4 (snapshot at 3, install due at 5), each after a driver
+    call with `next_steps`, then the driver call before step 5."""
+    x, y = regression_data()
+    model = mlp()
+    optimizer = MAKERS["shampoo"](refresh_delay=2)
+    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+    for i in range(4):
+        optimizer.advance_root_pipeline(next_steps)
+        step(x[16 * i : 16 * i + 16], y[16 * i : 16 * i + 16])
+    before = [v.numpy() for v in optimizer._preconditioners]
+    optimizer.advance_root_pipeline(next_steps)
+    return optimizer, step, before
+
+
+def test_in_one_process_the_driver_installs_before_the_install_step():
+    """One step per call: the driver assigns the roots right before step
+    t + d (so the step's graph holds no install branch) and clears the
+    pending refresh; the step then uses them."""
+    optimizer, step, before = _drive_until_install(next_steps=1)
+    assert optimizer._root_refresh.host.installs
+    assert int(optimizer._root_refresh.snapshot_step.numpy()) == 0
+    after = [v.numpy() for v in optimizer._preconditioners]
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert int(optimizer.iterations.numpy()) == 4
+    # Changing the call's span afterwards would skip an install: refused.
+    with pytest.raises(ValueError, match="`next_steps` must stay 1"):
+        optimizer.advance_root_pipeline(2)
+
+
+def test_with_several_steps_per_call_the_step_installs():
+    """Step t + d may run inside a call: the driver only hands the roots
+    over, and the step installs them, as across workers."""
+    optimizer, step, before = _drive_until_install(next_steps=2)
+    assert not optimizer._root_refresh.host.installs
+    assert int(optimizer._root_refresh.snapshot_step.numpy()) == 3
+    np.testing.assert_array_equal(before[0], optimizer._preconditioners[0].numpy())
+    x, y = regression_data()
+    step(x[64:80], y[64:80])  # step 5 installs
+    assert int(optimizer._root_refresh.snapshot_step.numpy()) == 0
+    assert not np.array_equal(before[0], optimizer._preconditioners[0].numpy())
+    assert int(optimizer.refresh_waits.numpy()) <= 1
+
+
+def test_the_host_install_equals_the_install_in_the_step():
+    """The same roots installed by the driver and by the step: the same run
+    bit for bit (the same arithmetic on the same numbers)."""
+    runs = []
+    for next_steps in (1, 2):
+        x, y = regression_data()
+        model = mlp()
+        optimizer = MAKERS["soap"](refresh_delay=2)
+        step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+        for i in range(12):
+            # The span is what the step is traced for; every call drives.
+            optimizer.advance_root_pipeline(next_steps)
+            b = (16 * i) % len(x)
+            step(x[b : b + 16], y[b : b + 16])
+        runs.append((weights_of(model), optimizer))
+    (w1, o1), (w2, o2) = runs
+    assert o1._root_refresh.host.installs and not o2._root_refresh.host.installs
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(o1.variables, o2.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
 @pytest.mark.parametrize(
     "options, name",
     [

@@ -10,6 +10,17 @@ t + d (`refresh.RootRefresh`); between steps, on the host's main thread,
 pending variables the step installs from, and before a call that will run
 step t + d waits for them if they are late (counted in `refresh_waits`).
 
+Who installs them at step t + d depends on the strategy. In one process
+(no strategy, OneDeviceStrategy, MirroredStrategy) and one step per call,
+the driver itself assigns the roots right before step t + d: every replica
+gets the same values, and the training step holds no install code at all
+(its graph, and so its first step, is smaller). Across workers
+(MultiWorkerMirroredStrategy) the step installs them, taking each share of
+the roots from one worker's host and all-gathering, so that every worker
+installs the same bits even where their CPUs would round differently; so it
+does on TPU and with several steps per call (`steps_per_execution`), where
+step t + d runs inside a call.
+
 All variable reads and writes happen on the main thread between steps (the
 thread only computes from tensors it was given), so they never race with a
 step or a checkpoint. On TPU the same design keeps the roots' eigh on the
@@ -57,10 +68,26 @@ class HostRefresh:
         self._ready_step = tf.Variable(0, dtype=tf.int32, trainable=False)
         self._executor = None
         # Whether something drives the pipeline between steps (then a step
-        # traced afterwards need not be able to compute roots itself).
-        self.driven = False
+        # traced afterwards need not be able to compute roots itself), and
+        # how many steps each call of the training step runs (the driver's
+        # first `next_steps`; None until it is called).
+        self.driven = getattr(optimizer, "_root_pipeline_driven", False)
+        self.span = getattr(optimizer, "_root_pipeline_span", None)
+        # One process holds every replica: the driver can assign the roots.
+        self._strategy = tf.distribute.get_strategy()
+        self._one_process = not tf.distribute.has_strategy() or isinstance(
+            self._strategy,
+            (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy),
+        )
         self._job = None  # (refresh step, future)
         self._function = None
+        self._installer = None
+
+    @property
+    def installs(self):
+        """Whether the driver installs the roots between steps (else the
+        step at t + d does)."""
+        return self.driven and self._one_process and self.span == 1
 
     # -- read by the step --------------------------------------------------------
 
@@ -94,11 +121,21 @@ class HostRefresh:
         """Starts, collects or waits for the pending refresh so that the
         next `next_steps` steps find it ready. Returns whether it waited."""
         self.driven = True
+        if self.span is None:
+            self.span = next_steps
+        elif self.installs and next_steps != 1:
+            raise ValueError(
+                "`next_steps` must stay 1 once the training step has been "
+                "traced for single steps (the roots are installed between "
+                f"steps); received {next_steps}"
+            )
         if self._function is None and int(self.optimizer.iterations.numpy()) > 0:
             # After the first step, whose tracing it would slow (the GIL).
             self._prepare()
         refresh_step = int(self.root_refresh.snapshot_step.numpy())
-        if refresh_step == 0 or int(self._ready_step.numpy()) == refresh_step:
+        if refresh_step == 0 or (
+            not self.installs and int(self._ready_step.numpy()) == refresh_step
+        ):
             return False
         if self._function is None:
             self._prepare()
@@ -119,9 +156,12 @@ class HostRefresh:
                 time.perf_counter() - started,
                 refresh_step,
             )
-        self._collect(refresh_step, future.result())
         if waited:
             self.root_refresh.waits.assign_add(1)
+        if not self.installs:
+            self._collect(refresh_step, future.result())
+        elif done_steps + 1 == install:
+            self._install(refresh_step, future.result())
         return waited
 
     def _prepare(self):
@@ -148,6 +188,11 @@ class HostRefresh:
         def trace():
             with tf.device("/CPU:0"):
                 self._function.get_concrete_function(*specs)
+            if self.installs:
+                with self._strategy.scope():
+                    self._installer_function().get_concrete_function(
+                        self._result_specs(), tf.TensorSpec([], tf.int32)
+                    )
 
         self._executor.submit(trace)
 
@@ -174,6 +219,44 @@ class HostRefresh:
             items, lambda s: statistics[s], lambda s: tuple(current[s]), refresh_step
         )
         return [(results[item], tf.cast(rejected[item], tf.int64)) for item in items]
+
+    def _result_specs(self):
+        return [
+            (
+                tuple(tf.TensorSpec(shape, dtype) for shape, dtype in specs),
+                tf.TensorSpec([slot.count], tf.int64),
+            )
+            for specs, slot in zip(self._specs, self.root_refresh.layout.slots)
+        ]
+
+    def _installer_function(self):
+        """A `tf.function` storing a refresh's results (traced once, on the
+        host's thread ahead of the first install). Call it under
+        `self._strategy.scope()`, whose replicas it writes."""
+        if self._installer is None:
+            root_refresh = self.root_refresh
+
+            def install(tensors, refresh_step):
+                results = {slot: values for slot, (values, _) in enumerate(tensors)}
+                failures = tf.add_n(
+                    [tf.reduce_sum(rejected) for _, rejected in tensors]
+                )
+                root_refresh.store(results, failures, refresh_step)
+                root_refresh.snapshot_step.assign(0)
+
+            self._installer = tf.function(install, autograph=False)
+        return self._installer
+
+    def _install(self, refresh_step, outcome):
+        """The roots of step `refresh_step` into the optimizer's variables,
+        right before the step that uses them first (every replica alike)."""
+        tensors, seconds = outcome
+        with self._strategy.scope():
+            self._installer_function()(
+                [(tuple(values), rejected) for values, rejected in tensors],
+                tf.constant(refresh_step, tf.int32),
+            )
+        self.root_refresh.clock.seconds.assign_add(seconds)
 
     def _collect(self, refresh_step, outcome):
         (tensors, seconds) = outcome

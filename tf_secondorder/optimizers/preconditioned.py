@@ -222,16 +222,25 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         """With pipelined refreshes, call between the steps of a custom
         training loop (`strategy.run` or `apply_gradients`), before a call
         that runs `next_steps` steps: it starts the host's computation of
-        the roots after a refresh step, hands finished roots to the step that
-        installs them, and waits for late ones when that step is among the
-        next `next_steps`. `fit` calls it itself. Without it the install
+        the roots after a refresh step, waits for late ones when the step
+        that uses them is among the next `next_steps`, and installs them
+        right before that step (in one process with one step per call;
+        otherwise it hands them to that step, which installs them). Keep
+        `next_steps` as on the first call: a change from 1 is refused with
+        a ValueError. `fit` calls it itself. Without it the install
         step computes the roots itself (counted in `refresh_waits`); once it
         has been called, a step traced afterwards leaves that computation
         out of its graph (a shorter first step) and keeps the previous roots
         where a call was skipped: call it before every step, or never.
         Returns whether it waited."""
         validation.integer("next_steps", next_steps, 1)
-        if not self.built or self._root_refresh.host is None:
+        if not self.built:
+            # Called before the first step builds the optimizer: that step
+            # is traced knowing a driver runs between steps.
+            self._root_pipeline_driven = True
+            self._root_pipeline_span = getattr(self, "_root_pipeline_span", next_steps)
+            return False
+        if self._root_refresh.host is None:
             return False
         return self._root_refresh.host.advance(next_steps)
 

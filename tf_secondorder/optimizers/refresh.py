@@ -6,7 +6,10 @@
   start step) the new roots are either computed and installed in that step
   (`root_refresh="in_step"`), or *pipelined*: the step snapshots the
   statistics, the host computes the roots while training goes on with the
-  previous ones (`host.HostRefresh`), and step t + d installs them. The
+  previous ones (`host.HostRefresh`), and step t + d uses them: in one
+  process with one step per call the host's driver installs them right
+  before that step (the step then holds no install code), otherwise that
+  step installs them. The
   install step is fixed by the step number alone, so every replica and
   worker installs the same roots at the same step; a root that is not ready
   then is waited for (from `fit`, or a custom loop's call of
@@ -89,16 +92,20 @@ class RootRefresh:
             )
             return
         pending = read(self.snapshot_step)
-        tf.cond(
-            (pending > 0) & tf.equal(number, pending + self.delay),
-            lambda: self._install(strategy, pending),
-            no_op,
-        )
+        install_due = (pending > 0) & tf.equal(number, pending + self.delay)
+        if self.host.installs:
+            # The driver installed the roots before this step and cleared
+            # the pending step; if it is still set, a call was skipped: the
+            # roots stay as they are, and the miss is counted.
+            self.waits.assign_add(tf.cast(install_due, tf.int64))
+            self.snapshot_step.assign(tf.where(install_due, 0, pending))
+        else:
+            tf.cond(install_due, lambda: self._install(strategy, pending), no_op)
         tf.cond(self.due(number), lambda: self._take_snapshot(number), no_op)
 
     def _refresh_now(self, strategy, number):
         results, failures = self.compute(strategy, self.optimizer.statistic, number)
-        self._store(results, failures, number)
+        self.store(results, failures, number)
         return results  # for the clock to wait on (None under local SGD)
 
     def _take_snapshot(self, number):
@@ -143,7 +150,7 @@ class RootRefresh:
             strategy, statistic, refresh_step, compute_items=either
         )
         self.waits.assign_add(tf.cast(~ready, tf.int64))
-        self._store(results, failures, refresh_step)
+        self.store(results, failures, refresh_step)
         self.snapshot_step.assign(0)
 
     def snapshot_statistic(self, slot):
@@ -192,7 +199,7 @@ class RootRefresh:
             # variables act on the replica being updated.
             def own_refresh(_):
                 results, failures = compute_items(items)
-                self._store(_by_slot(results), failures, refresh_step)
+                self.store(_by_slot(results), failures, refresh_step)
 
             strategy.extended.update(
                 optimizer._statistics[0].value,
@@ -232,7 +239,7 @@ class RootRefresh:
             pieces += [(s, bounds[k], bounds[k + 1]) for k in range(parts)]
         return pieces
 
-    def _store(self, results, failures, refresh_step):
+    def store(self, results, failures, refresh_step):
         if results is None:  # stored per replica already
             return
         self.optimizer.store_refreshed(results, refresh_step)

@@ -130,8 +130,10 @@ class Shampoo(PreconditionedOptimizer):
             computes the new roots while training goes on with the old
             ones (a background thread running a CPU-placed `tf.function`;
             `fit` drives it, a custom loop calls `advance_root_pipeline`),
-            and step t + `refresh_delay` installs them on every replica and
-            worker; a step whose roots are late waits (`refresh_waits`).
+            and they are installed before step t + `refresh_delay` on every
+            replica and worker (by the driver in one process, by that step
+            across workers or with several steps per call); a step whose
+            roots are late waits (`refresh_waits`).
             The accelerator never computes an eigendecomposition, and a
             refresh step costs about an ordinary one. In the step: step t
             computes and installs them. `"auto"`: pipelined, except under
