@@ -44,6 +44,10 @@ BAD_BENCH_ARGUMENTS = [
     (["--verbose", "3"], "`verbose` must be 0, 1 or 2"),
     (["--task", "imagenet"], "`task` must be one of"),
     (["--precision", "float16"], "`precision` must be one of"),
+    (
+        ["--jit-compile", "--replicas", "2"],
+        "`jit_compile` must be used with --replicas 1",
+    ),
     (["--batch-schedule", "growing:8:0.9"], "`batch_schedule` must be"),
     (["--replicas", "2", "--batch-schedule", "33"], "`batch_schedule` must be"),
     (["--samples", "0"], "`samples` must be an integer >= 1"),

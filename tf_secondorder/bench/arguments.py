@@ -142,6 +142,10 @@ def check_bench_args(args):
         raise usage_error(
             "precision", f"one of {list(PRECISIONS)}", repr(args.precision)
         )
+    if getattr(args, "jit_compile", False) and args.replicas > 1:
+        raise usage_error(
+            "jit_compile", "used with --replicas 1", f"--replicas {args.replicas}"
+        )
     names = _parse_optimizers(args.optimizers)
     lrs = _parse_lrs(args.lrs) if args.lrs is not None else None
     steps, eval_every, note = schedule(args.task, args.steps, args.eval_every)

@@ -111,6 +111,12 @@ def register(subparsers):
         "mixed_float16 (Keras wraps the optimizer in a LossScaleOptimizer)",
     )
     b.add_argument(
+        "--jit-compile",
+        action="store_true",
+        help="compile the models with jit_compile=True (XLA-compiled train "
+        "steps; without a strategy)",
+    )
+    b.add_argument(
         "--option",
         action="append",
         metavar="OPTIMIZER:KEY=VALUE",
@@ -240,6 +246,7 @@ def bench(args):
                         repeat=repeat,
                         precision=args.precision,
                         average_from=args.average_from,
+                        jit_compile=args.jit_compile,
                     )
                 )
     summaries = [
@@ -258,6 +265,7 @@ def bench(args):
         "replicas": args.replicas,
         "repeats": args.repeats,
         "precision": args.precision,
+        "jit_compile": args.jit_compile,
         "targets": [
             {"repeat": repeat, "seed": seed, **s}
             for repeat, (seed, s) in enumerate(zip(seeds, summaries, strict=True))

@@ -40,7 +40,8 @@ def summarize(task, results, baseline="adam"):
         r["steps_ratio"] = steps / base_steps if steps else None
         r["time_ratio"] = seconds / base_seconds if seconds else None
         if "refresh_step_seconds" in r:
-            r["refresh_cost"] = r["refresh_step_seconds"] / r["median_step_seconds"]
+            baseline = r.get("refresh_baseline_seconds", r["median_step_seconds"])
+            r["refresh_cost"] = r["refresh_step_seconds"] / baseline
     return {
         "task": task.name,
         "target": target,

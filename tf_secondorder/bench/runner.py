@@ -90,6 +90,7 @@ def run(
     repeat=0,
     precision="float32",
     average_from=None,
+    jit_compile=False,
 ):
     """Trains `optimizer_name` at `learning_rate` on `task`; returns its record.
 
@@ -99,7 +100,8 @@ def run(
 
     `precision` is the Keras dtype policy the model is built under (set for
     this run only); under `"mixed_float16"` `compile` wraps the optimizer in
-    Keras's LossScaleOptimizer.
+    Keras's LossScaleOptimizer. `jit_compile` compiles the model with
+    `jit_compile=True` (one device).
 
     The record holds the task-loss curve, step times (median, mean, first),
     optimizer-state bytes and, for Shampoo and SOAP, refresh cost and root
@@ -116,7 +118,7 @@ def run(
         # of the train step, and creating variables there makes TensorFlow
         # trace it twice; building first (for every optimizer alike) avoids it.
         optimizer.build(model.trainable_variables)
-        model.compile(optimizer=optimizer, loss=task.loss)
+        model.compile(optimizer=optimizer, loss=task.loss, jit_compile=jit_compile)
     averaging = (
         None
         if average_from is None
@@ -144,6 +146,7 @@ def run(
         "learning_rate": learning_rate,
         "replicas": replicas,
         "precision": precision,
+        "jit_compile": jit_compile,
         "repeat": repeat,
         "seed": seed,
         "options": dict(options or {}),
@@ -196,14 +199,43 @@ def run(
         ordinary = np.delete(times, [s - 1 for s in special] + [0])
         if len(ordinary):
             result["median_step_seconds"] = float(np.median(ordinary))
-        costs = [
-            float(np.median(times[[s - 1 for s in steps]]))
-            for steps in (refresh, installs)
-            if steps
-        ]
+        # Refresh and install steps also update the statistics when the
+        # ordinary steps around them do only every `statistics_frequency`
+        # steps: each is compared with the ordinary steps of its own kind,
+        # so that the ratio is the refresh's cost alone.
+        frequency = optimizer.statistics_frequency
+        start = optimizer.start_step
+
+        def with_statistics(s):
+            return s <= start or s % frequency == 0
+
+        special_set = set(special) | {1}
+        same_kind = {
+            kind: [
+                times[s - 1]
+                for s in range(1, len(times) + 1)
+                if s not in special_set and with_statistics(s) == kind
+            ]
+            for kind in (True, False)
+        }
+        costs = []
+        for steps in (refresh, installs):
+            if not steps:
+                continue
+            kind = with_statistics(steps[0])
+            baseline = same_kind[kind] or list(ordinary)
+            costs.append(
+                (
+                    float(np.median(times[[s - 1 for s in steps]])),
+                    float(np.median(baseline)),
+                )
+            )
         if costs:
-            # The costlier of the two kinds of step.
-            result["refresh_step_seconds"] = max(costs)
+            # The costlier of the two kinds of step, and the median of the
+            # ordinary steps of its kind.
+            cost, baseline = max(costs, key=lambda c: c[0] / c[1])
+            result["refresh_step_seconds"] = cost
+            result["refresh_baseline_seconds"] = baseline
         result["refresh_seconds"] = float(optimizer.refresh_seconds.numpy())
         result["refresh_waits"] = int(optimizer.refresh_waits.numpy())
         result["root_failures"] = int(optimizer.root_failures.numpy())

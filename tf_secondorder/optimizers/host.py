@@ -81,7 +81,7 @@ class HostRefresh:
         )
         self._job = None  # (refresh step, future)
         self._function = None
-        self._installer = None
+        self._installer_function = None
 
     @property
     def installs(self):
@@ -189,10 +189,7 @@ class HostRefresh:
             with tf.device("/CPU:0"):
                 self._function.get_concrete_function(*specs)
             if self.installs:
-                with self._strategy.scope():
-                    self._installer_function().get_concrete_function(
-                        self._result_specs(), tf.TensorSpec([], tf.int32)
-                    )
+                self._installer()
 
         self._executor.submit(trace)
 
@@ -208,7 +205,8 @@ class HostRefresh:
             started = time.perf_counter()
             with tf.device("/CPU:0"):
                 out = self._function(statistics, current, step)
-            out = tf.nest.map_structure(lambda t: t.numpy(), out)
+            # Eager CPU results are computed when the call returns; kept as
+            # tensors, so that installing them copies nothing more.
             return out, time.perf_counter() - started
 
         self._job = (refresh_step, self._executor.submit(run))
@@ -229,33 +227,43 @@ class HostRefresh:
             for specs, slot in zip(self._specs, self.root_refresh.layout.slots)
         ]
 
-    def _installer_function(self):
-        """A `tf.function` storing a refresh's results (traced once, on the
-        host's thread ahead of the first install). Call it under
-        `self._strategy.scope()`, whose replicas it writes."""
-        if self._installer is None:
+    def _installer(self):
+        """The concrete function storing a refresh's results, traced once
+        (on the host's thread, ahead of the first install) under the
+        strategy whose replicas it writes; its arguments are the flat
+        results (each slot's tensors, then its rejected flags) and the
+        refresh step."""
+        if self._installer_function is None:
             root_refresh = self.root_refresh
+            counts = [len(specs) for specs in self._specs]
 
-            def install(tensors, refresh_step):
-                results = {slot: values for slot, (values, _) in enumerate(tensors)}
-                failures = tf.add_n(
-                    [tf.reduce_sum(rejected) for _, rejected in tensors]
-                )
-                root_refresh.store(results, failures, refresh_step)
+            def install(flat, refresh_step):
+                results, failures, i = {}, [], 0
+                for slot, count in enumerate(counts):
+                    results[slot] = tuple(flat[i : i + count])
+                    failures.append(tf.reduce_sum(flat[i + count]))
+                    i += count + 1
+                root_refresh.store(results, tf.add_n(failures), refresh_step)
                 root_refresh.snapshot_step.assign(0)
 
-            self._installer = tf.function(install, autograph=False)
-        return self._installer
+            specs = [
+                spec
+                for values, rejected in self._result_specs()
+                for spec in (*values, rejected)
+            ]
+            with self._strategy.scope():
+                self._installer_function = tf.function(
+                    install, autograph=False
+                ).get_concrete_function(specs, tf.TensorSpec([], tf.int32))
+        return self._installer_function
 
     def _install(self, refresh_step, outcome):
         """The roots of step `refresh_step` into the optimizer's variables,
         right before the step that uses them first (every replica alike)."""
         tensors, seconds = outcome
+        flat = [t for values, rejected in tensors for t in (*values, rejected)]
         with self._strategy.scope():
-            self._installer_function()(
-                [(tuple(values), rejected) for values, rejected in tensors],
-                tf.constant(refresh_step, tf.int32),
-            )
+            self._installer()(flat, tf.constant(refresh_step, tf.int32))
         self.root_refresh.clock.seconds.assign_add(seconds)
 
     def _collect(self, refresh_step, outcome):
