@@ -111,3 +111,35 @@ def test_graph_grows_with_block_shapes_not_blocks(make):
         assert len(optimizer._layout.slots) == 2  # one shape, two axes
         counts.append(optimizer_op_count(optimizer, variables))
     assert abs(counts[0] - counts[1]) <= 4, counts
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_building_in_the_first_trace_equals_building_first(make):
+    """Without a strategy Keras builds the optimizer in the first trace of
+    the train step (`train_on_batch`, a user's `tf.function`); ours then
+    builds eagerly (`tf.init_scope`). The run equals one whose optimizer was
+    built before the step, bit for bit."""
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    runs = []
+    for build_first in (True, False):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+        optimizer = make(learning_rate=0.01, precondition_frequency=2)
+        if build_first:
+            optimizer.build(model.trainable_variables)
+        loss_fn = keras.losses.MeanSquaredError()
+
+        @tf.function
+        def step(model=model, optimizer=optimizer, loss_fn=loss_fn):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(x[:, :4], model(x))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        for _ in range(5):
+            optimizer.advance_root_pipeline()
+            step()
+        assert int(optimizer.iterations.numpy()) == 5
+        runs.append([v.numpy() for v in model.weights + optimizer.variables])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -155,6 +155,22 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         names = getattr(self, "_unpreconditioned_names", ())
         return not any(name in path for name in names)
 
+    def apply(self, grads, trainable_variables=None):
+        """Keras's `apply`. Without a strategy Keras builds the optimizer
+        inside the first trace of the train step (`train_on_batch`, a
+        custom `tf.function`); built here eagerly (`tf.init_scope`), the
+        initial values of its stacked state are computed once, not traced
+        into that graph and lifted out of it, which shortens the first
+        step."""
+        if (
+            not self.built
+            and trainable_variables is not None
+            and not tf.distribute.has_strategy()
+        ):
+            with tf.init_scope():
+                self.build(trainable_variables)
+        return super().apply(grads, trainable_variables)
+
     def build(self, var_list):
         """The per-variable state (moments, grafting) and the stacked per-block
         state (statistics, roots or bases, the refresh's snapshot)."""
