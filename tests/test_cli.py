@@ -44,6 +44,7 @@ def test_bench_writes_results(tmp_path, data_dir, capsys):
     assert "steps->tgt" in table and "shampoo" in table
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["task"] == "digits-ae" and report["steps"] == 40
+    assert report["baseline"] == "adam" and "(best adam, lr 0.003)" in table
     assert {"tensorflow", "keras", "tf_secondorder"} <= set(report["versions"])
     runs = {r["optimizer"]: r for r in report["runs"]}
     assert runs["shampoo"]["options"]["precondition_frequency"] == 20
@@ -51,6 +52,12 @@ def test_bench_writes_results(tmp_path, data_dir, capsys):
     assert [s for s, _ in runs["adam"]["curve"]] == [10, 20, 30, 40]
     assert runs["shampoo"]["root_failures"] == 0
     assert runs["shampoo"]["refresh_step_seconds"] > 0
+    # Against the ordinary steps of its kind (statistics updated or not).
+    assert runs["shampoo"]["refresh_baseline_seconds"] > 0
+    assert runs["shampoo"]["refresh_cost"] == pytest.approx(
+        runs["shampoo"]["refresh_step_seconds"]
+        / runs["shampoo"]["refresh_baseline_seconds"]
+    )
     # The target is the best Adam's final loss, which Adam reaches at its end.
     assert runs["adam"]["steps_to_target"] == 40
 

@@ -40,8 +40,8 @@ def summarize(task, results, baseline="adam"):
         r["steps_ratio"] = steps / base_steps if steps else None
         r["time_ratio"] = seconds / base_seconds if seconds else None
         if "refresh_step_seconds" in r:
-            baseline = r.get("refresh_baseline_seconds", r["median_step_seconds"])
-            r["refresh_cost"] = r["refresh_step_seconds"] / baseline
+            ordinary = r.get("refresh_baseline_seconds", r["median_step_seconds"])
+            r["refresh_cost"] = r["refresh_step_seconds"] / ordinary
     return {
         "task": task.name,
         "target": target,
