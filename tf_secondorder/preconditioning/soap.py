@@ -63,12 +63,57 @@ def refined_basis(statistics, previous):
     return q, order
 
 
-def _adam(hyper, grad, momentum, second_moment):
+class _Constants:
+    """The step's scalars, made once per dtype (and per kind of variable)
+    rather than once per variable: the traced graph, and so the first
+    step, stays small."""
+
+    def __init__(self, hyper, step, lr):
+        self.hyper, self.step, self.lr = hyper, step, lr
+        self._made = {}
+
+    def _once(self, key, make):
+        if key not in self._made:
+            self._made[key] = make()
+        return self._made[key]
+
+    def beta1(self, dtype):
+        return self._once(
+            ("beta1", dtype), lambda: tf.constant(self.hyper.beta1, dtype)
+        )
+
+    def beta2(self, dtype):
+        return self._once(
+            ("beta2", dtype), lambda: tf.constant(self.hyper.beta2, dtype)
+        )
+
+    def epsilon(self, dtype):
+        return self._once(
+            ("epsilon", dtype), lambda: tf.constant(self.hyper.epsilon, dtype)
+        )
+
+    def step_size(self, dtype, rotated):
+        """lr · √(1 − β2^t) / (1 − β1^t), with t counted from the first basis
+        for variables with one (`rotated`)."""
+
+        def make():
+            hyper = self.hyper
+            t = tf.cast(self.step, dtype)
+            if rotated and hyper.start_step > 1:
+                since_basis = t - tf.constant(hyper.start_step - 1, dtype)
+                t = tf.where(since_basis >= 1, since_basis, t)
+            size = tf.cast(self.lr, dtype) * tf.sqrt(1.0 - tf.pow(self.beta2(dtype), t))
+            return size / (1.0 - tf.pow(self.beta1(dtype), t))
+
+        return self._once(("step_size", dtype, rotated), make)
+
+
+def _adam(constants, grad, momentum, second_moment):
     """Adam's new second moment and direction m / (√v + ε), in the
     parameter's coordinates (bias corrections are the caller's)."""
-    beta2 = tf.constant(hyper.beta2, grad.dtype)
+    beta2 = constants.beta2(grad.dtype)
     v = beta2 * second_moment + (1.0 - beta2) * tf.square(grad)
-    return v, momentum / (tf.sqrt(v) + tf.constant(hyper.epsilon, grad.dtype))
+    return v, momentum / (tf.sqrt(v) + constants.epsilon(grad.dtype))
 
 
 def update(
@@ -93,10 +138,11 @@ def update(
     for Adam carries over. Without it, an update whitened in the
     eigenbasis is shorter than Adam's wherever the gradient is concentrated
     on a few eigenvectors, and SOAP needs a larger learning rate."""
+    constants = _Constants(hyper, step, lr)
     new_momenta, new_second_moments, directions = {}, {}, {}
     new_graft_moments = {}
     for variable, grad in grads.items():
-        beta1 = tf.constant(hyper.beta1, grad.dtype)
+        beta1 = constants.beta1(grad.dtype)
         new_momenta[variable] = beta1 * momenta[variable] + (1.0 - beta1) * grad
     with_factors = [v for v in grads if layout.plans[v].factors]
     for variable in grads:
@@ -104,7 +150,10 @@ def update(
             continue
         # No basis: Adam.
         new_second_moments[variable], directions[variable] = _adam(
-            hyper, grads[variable], new_momenta[variable], second_moments[variable]
+            constants,
+            grads[variable],
+            new_momenta[variable],
+            second_moments[variable],
         )
     if with_factors:
         shapes = {v: grads[v].shape for v in with_factors}
@@ -120,7 +169,7 @@ def update(
             adam_directions = {}
             for variable in with_factors:
                 new_graft_moments[variable], adam_directions[variable] = _adam(
-                    hyper,
+                    constants,
                     grads[variable],
                     new_momenta[variable],
                     graft_moments[variable],
@@ -130,14 +179,14 @@ def update(
         for number, blocks in grad_stacks.items():
             dtype = blocks.dtype
             matrices = _group_matrices(layout, number, bases, dtype)
-            beta2 = tf.constant(hyper.beta2, dtype)
+            beta2 = constants.beta2(dtype)
             rotated = kronecker.contract(blocks, matrices)
             v = beta2 * second_moment_stacks[number] + (1.0 - beta2) * tf.square(
                 rotated
             )
             v_stacks[number] = v
             normalized = kronecker.contract(momentum_stacks[number], matrices) / (
-                tf.sqrt(v) + tf.constant(hyper.epsilon, dtype)
+                tf.sqrt(v) + constants.epsilon(dtype)
             )
             direction = kronecker.contract(normalized, matrices, back=True)
             if hyper.grafting:
@@ -155,15 +204,8 @@ def update(
         )
     out = {}
     for variable, grad in grads.items():
-        dtype = grad.dtype
-        t = tf.cast(step, dtype)
-        if layout.plans[variable].factors and hyper.start_step > 1:
-            since_basis = t - tf.constant(hyper.start_step - 1, dtype)
-            t = tf.where(since_basis >= 1, since_basis, t)
-        beta1 = tf.constant(hyper.beta1, dtype)
-        beta2 = tf.constant(hyper.beta2, dtype)
-        step_size = tf.cast(lr, dtype) * tf.sqrt(1.0 - tf.pow(beta2, t))
-        step_size /= 1.0 - tf.pow(beta1, t)
+        rotated = bool(layout.plans[variable].factors)
+        step_size = constants.step_size(grad.dtype, rotated)
         direction = directions[variable]
         out[variable] = (
             new_momenta[variable],
