@@ -42,25 +42,26 @@ KIND = {
 }
 
 
-def _loop(make, drive, steps=16, **options):
-    """A custom training loop; `drive`: call `advance_root_pipeline` before
-    each step (the host computes), else the install steps compute."""
+def _loop(make, drive, steps=16, next_steps=1, **options):
+    """A custom training loop; `drive`: call `advance_root_pipeline`
+    (`next_steps`) before each step (the host computes), else the install
+    steps compute. Returns the model, the optimizer and the step."""
     x, y = regression_data()
     model = mlp()
     optimizer = make(**options)
     step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
     for i in range(steps):
         if drive:
-            optimizer.advance_root_pipeline()
+            optimizer.advance_root_pipeline(next_steps)
         b = (16 * i) % len(x)
         step(x[b : b + 16], y[b : b + 16])
-    return model, optimizer
+    return model, optimizer, step
 
 
 @pytest.mark.parametrize("name", ["shampoo", "shampoo-low-memory", "soap"])
 def test_host_roots_equal_the_roots_a_step_computes(name):
-    hosted, host_opt = _loop(MAKERS[name], True, refresh_delay=2)
-    computed, step_opt = _loop(MAKERS[name], False, refresh_delay=2)
+    hosted, host_opt, _ = _loop(MAKERS[name], True, refresh_delay=2)
+    computed, step_opt, _ = _loop(MAKERS[name], False, refresh_delay=2)
     for a, b in zip(weights_of(hosted), weights_of(computed)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(
@@ -147,13 +148,9 @@ def test_checkpoint_between_snapshot_and_install_resumes_exactly(name, tmp_path)
 def _drive_until_install(next_steps):
     """Steps 1..4 (snapshot at 3, install due at 5), each after a driver
     call with `next_steps`, then the driver call before step 5."""
-    x, y = regression_data()
-    model = mlp()
-    optimizer = MAKERS["shampoo"](refresh_delay=2)
-    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
-    for i in range(4):
-        optimizer.advance_root_pipeline(next_steps)
-        step(x[16 * i : 16 * i + 16], y[16 * i : 16 * i + 16])
+    _, optimizer, step = _loop(
+        MAKERS["shampoo"], True, steps=4, next_steps=next_steps, refresh_delay=2
+    )
     before = [v.numpy() for v in optimizer._preconditioners]
     optimizer.advance_root_pipeline(next_steps)
     return optimizer, step, before
@@ -193,15 +190,10 @@ def test_the_host_install_equals_the_install_in_the_step():
     bit for bit (the same arithmetic on the same numbers)."""
     runs = []
     for next_steps in (1, 2):
-        x, y = regression_data()
-        model = mlp()
-        optimizer = MAKERS["soap"](refresh_delay=2)
-        step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
-        for i in range(12):
-            # The span is what the step is traced for; every call drives.
-            optimizer.advance_root_pipeline(next_steps)
-            b = (16 * i) % len(x)
-            step(x[b : b + 16], y[b : b + 16])
+        # The span is what the step is traced for; every call drives.
+        model, optimizer, _ = _loop(
+            MAKERS["soap"], True, steps=12, next_steps=next_steps, refresh_delay=2
+        )
         runs.append((weights_of(model), optimizer))
     (w1, o1), (w2, o2) = runs
     assert o1._root_refresh.host.installs and not o2._root_refresh.host.installs
