@@ -131,18 +131,16 @@ class Shampoo(PreconditionedOptimizer):
             ones (a background thread running a CPU-placed `tf.function`;
             `fit` drives it, a custom loop calls `advance_root_pipeline`),
             and they are installed before step t + `refresh_delay` on every
-            replica and worker (by the driver in one process, by that step
-            across workers or with several steps per call); a step whose
-            roots are late waits (`refresh_waits`).
-            The accelerator never computes an eigendecomposition, and a
+            replica and worker (`optimizers/host.py` says by whom); a step
+            whose roots are late waits (`refresh_waits`). The accelerator
+            never computes an eigendecomposition, and a
             refresh step costs about an ordinary one. In the step: step t
             computes and installs them. `"auto"`: pipelined, except under
             local SGD (each replica refreshes from its own statistics).
         refresh_delay: d, steps between a pipelined refresh's statistics
             and the first step using its roots, in
             `[1, precondition_frequency]`; `None`: 10, or the frequency if
-            smaller. Until the first roots arrive the update is the
-            first-order one.
+            smaller. Until the first roots arrive the update is grafting's.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
