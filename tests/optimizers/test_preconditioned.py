@@ -143,3 +143,60 @@ def test_building_in_the_first_trace_equals_building_first(make):
         runs.append([v.numpy() for v in model.weights + optimizer.variables])
     for a, b in zip(*runs, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_variables_without_a_gradient_keep_their_state(make):
+    """The elementwise state is stacked per block shape (and one vector for
+    the variables without factors), so a step that updates only some
+    variables must leave the others' rows alone: the updated ones move as
+    under an optimizer that holds only them (the same arithmetic on
+    smaller stacks: compared to float32 rounding), the others not at all."""
+    rng = np.random.default_rng(0)
+    # Two share a stack (5·60 > 256: not merged into a vector), two the vector.
+    shapes = [(5, 60), (5, 60), (6,), (6,)]
+    initial = [rng.normal(size=s).astype("float32") for s in shapes]
+    # Roots (bases) from the first step's statistics, used from then on; no
+    # refresh later (SOAP's would reorder every block's second moment).
+    options = dict(
+        learning_rate=0.05,
+        precondition_frequency=100,
+        start_preconditioning_step=1,
+        root_refresh="in_step",
+    )
+    every = [keras.Variable(v) for v in initial]
+    present = [keras.Variable(initial[i]) for i in (0, 2)]
+    whole, alone = make(**options), make(**options)
+    whole.build(every)
+    alone.build(present)
+
+    def gradient(i):
+        return tf.constant(rng.normal(size=shapes[i]), tf.float32)
+
+    first = [gradient(i) for i in range(4)]
+    whole.apply_gradients(zip(first, every))
+    alone.apply_gradients(zip([first[0], first[2]], present))
+    after_first = [v.numpy() for v in every]
+    state = {v.path: v.numpy() for v in whole.variables}
+    for _ in range(4):
+        grads = [gradient(i) for i in (0, 2)]
+        whole.apply_gradients(zip(grads, [every[0], every[2]]))
+        alone.apply_gradients(zip(grads, present))
+    for i, reference in zip((0, 2), present):
+        mine = every[i].numpy()
+        np.testing.assert_allclose(mine, reference.numpy(), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(mine, after_first[i])
+    np.testing.assert_array_equal(every[1].numpy(), after_first[1])
+    np.testing.assert_array_equal(every[3].numpy(), after_first[3])
+    # Their elementwise state is as the first step left it: stack row 1
+    # (variable 1's block) and elements 6..11 of the vector (variable 3).
+    checked = 0
+    for variable in whole.variables:
+        if not any(k in variable.path for k in ("momentum", "moment", "accumulator")):
+            continue
+        old, new = state[variable.path], variable.numpy()
+        rows = (lambda a: a[1]) if new.ndim == 3 else (lambda a: a[6:])
+        assert np.any(rows(new)), variable.path
+        np.testing.assert_array_equal(rows(new), rows(old), err_msg=variable.path)
+        checked += 1
+    assert checked >= 3

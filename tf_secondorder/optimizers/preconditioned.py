@@ -172,8 +172,9 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         return super().apply(grads, trainable_variables)
 
     def build(self, var_list):
-        """The per-variable state (moments, grafting) and the stacked per-block
-        state (statistics, roots or bases, the refresh's snapshot)."""
+        """The stacked per-block state (statistics; roots or bases and the
+        refresh's snapshot come with the subclass and `RootRefresh`); the
+        subclass adds its elementwise state per part (`add_part_variables`)."""
         if self.built:
             return
         super().build(var_list)
@@ -201,6 +202,21 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         axis of one group of equal blocks."""
         shape = "x".join(str(d) for d in self._layout.groups[slot.group].shape)
         return f"g{slot.group}_{shape}_{what}_a{slot.axis}"
+
+    def add_part_variables(self, what, kind=None):
+        """Zero-initialised elementwise state (such as momentum): a variable
+        per part of the layout, or per part of `kind` (None elsewhere)."""
+        return [
+            self.add_variable(
+                part.shape,
+                initializer="zeros",
+                dtype=part.dtype,
+                name=f"{part.tag}_{what}",
+            )
+            if kind in (None, part.kind)
+            else None
+            for part in self._layout.parts
+        ]
 
     @property
     def refresh_waits(self):

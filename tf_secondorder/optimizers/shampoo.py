@@ -275,14 +275,17 @@ class Shampoo(PreconditionedOptimizer):
             )
             for slot in self._layout.slots
         ]
+        # Grafting and momentum per part of the layout (a group's stacked
+        # blocks, or the flat vector of the variables without factors): one
+        # variable and one elementwise update per part, not per variable.
         self._grafting_accumulators = []
         if self.grafting in ("adagrad", "rmsprop", "adam"):
-            self._grafting_accumulators = self.add_optimizer_variables(
-                var_list, "grafting_accumulator"
+            self._grafting_accumulators = self.add_part_variables(
+                "grafting_accumulator"
             )
         self._momentums = []
         if self.beta1 > 0:
-            self._momentums = self.add_optimizer_variables(var_list, "momentum")
+            self._momentums = self.add_part_variables("momentum")
         self._resolved_root_method = resolve_root_method(self.root_method)
         self._hyper = kernels.Hyper(
             beta1=self.beta1,
@@ -354,25 +357,21 @@ class Shampoo(PreconditionedOptimizer):
     def update_all(self, grads, variables, learning_rate):
         indices = [self._get_variable_index(v) for v in variables]
         by_index = dict(zip(indices, variables))
-
-        def state(slots, index):
-            return read(slots[index]) if slots else None
-
-        updates = kernels.update(
+        accumulators, momenta, deltas = kernels.update(
             self._layout,
             self._hyper,
             {i: dense(g, v) for i, g, v in zip(indices, grads, variables)},
-            {i: state(self._grafting_accumulators, i) for i in indices},
-            {i: state(self._momentums, i) for i in indices},
+            [read(a) for a in self._grafting_accumulators] or None,
+            [read(m) for m in self._momentums] or None,
             [read(p) for p in self._preconditioners],
             self.step_number(),
             learning_rate,
         )
-        for index, (accumulator, momentum, delta) in updates.items():
-            if accumulator is not None:
-                self.assign(self._grafting_accumulators[index], accumulator)
-            if momentum is not None:
-                self.assign(self._momentums[index], momentum)
+        for key, value in (accumulators or {}).items():
+            self.assign(self._grafting_accumulators[key], value)
+        for key, value in (momenta or {}).items():
+            self.assign(self._momentums[key], value)
+        for index, delta in deltas.items():
             self.assign_sub(by_index[index], delta)
 
     @classmethod

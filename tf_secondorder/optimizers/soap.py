@@ -201,19 +201,18 @@ class SOAP(PreconditionedOptimizer):
             )
             for slot in self._layout.slots
         ]
-        self._momentums = self.add_optimizer_variables(var_list, "momentum")
-        self._second_moments = self.add_optimizer_variables(
-            var_list, "rotated_second_moment"
-        )
+        # Moments per part of the layout (a group's stacked blocks, the
+        # second moment in the basis; or the flat vector of the variables
+        # without factors): one variable and one update per part.
+        self._momentums = self.add_part_variables("momentum")
+        self._second_moments = self.add_part_variables("rotated_second_moment")
         # Adam's second moment in the parameter's coordinates, for the
-        # grafted step length; only variables with a basis need it.
-        self._graft_moments = {}
+        # grafted step length; only the stacked parts (with a basis) need it.
+        self._graft_moments = []
         if self.grafting is not None:
-            for index, plan in enumerate(self._layout.plans):
-                if plan.factors:
-                    self._graft_moments[index] = self.add_variable_from_reference(
-                        var_list[index], "grafting_second_moment"
-                    )
+            self._graft_moments = self.add_part_variables(
+                "grafting_second_moment", kind="stack"
+            )
         self._hyper = kernels.Hyper(
             self.beta1,
             self.beta2,
@@ -295,25 +294,23 @@ class SOAP(PreconditionedOptimizer):
         # At the first basis both moments start afresh (as in the authors'
         # code); later refreshes reorder the second moments with the columns.
         first = tf.equal(refresh_step, self.start_step)
-        preconditioned = [
-            i for i, plan in enumerate(self._layout.plans) if plan.factors
+        stacked = [
+            k for k, part in enumerate(self._layout.parts) if part.kind == "stack"
         ]
         permuted = kernels.permute_axes(
-            self._layout,
-            {i: read(self._second_moments[i]) for i in preconditioned},
-            orders,
+            self._layout, {k: read(self._second_moments[k]) for k in stacked}, orders
         )
-        for i in preconditioned:
-            second_moment, momentum = self._second_moments[i], self._momentums[i]
+        for key in stacked:
+            second_moment, momentum = self._second_moments[key], self._momentums[key]
             self.assign(
                 second_moment,
-                tf.where(first, tf.zeros_like(permuted[i]), permuted[i]),
+                tf.where(first, tf.zeros_like(permuted[key]), permuted[key]),
             )
             self.assign(
                 momentum, tf.where(first, tf.zeros_like(momentum), read(momentum))
             )
-            if i in self._graft_moments:
-                graft = self._graft_moments[i]
+            if self._graft_moments:
+                graft = self._graft_moments[key]
                 self.assign(graft, tf.where(first, tf.zeros_like(graft), read(graft)))
 
     def update_step(self, gradient, variable, learning_rate):
@@ -325,26 +322,24 @@ class SOAP(PreconditionedOptimizer):
     def update_all(self, grads, variables, learning_rate):
         indices = [self._get_variable_index(v) for v in variables]
         by_index = dict(zip(indices, variables))
-        updates = kernels.update(
+        momenta, second_moments, grafts, deltas = kernels.update(
             self._layout,
             self._hyper,
             {i: dense(g, v) for i, g, v in zip(indices, grads, variables)},
-            {i: read(self._momentums[i]) for i in indices},
-            {i: read(self._second_moments[i]) for i in indices},
+            [read(m) for m in self._momentums],
+            [read(v) for v in self._second_moments],
             [read(b) for b in self._bases],
             self.step_number(),
             learning_rate,
-            {
-                i: read(self._graft_moments[i])
-                for i in indices
-                if i in self._graft_moments
-            },
+            [None if v is None else read(v) for v in self._graft_moments],
         )
-        for index, (momentum, second_moment, graft, delta) in updates.items():
-            self.assign(self._momentums[index], momentum)
-            self.assign(self._second_moments[index], second_moment)
-            if graft is not None:
-                self.assign(self._graft_moments[index], graft)
+        for key, value in momenta.items():
+            self.assign(self._momentums[key], value)
+        for key, value in second_moments.items():
+            self.assign(self._second_moments[key], value)
+        for key, value in grafts.items():
+            self.assign(self._graft_moments[key], value)
+        for index, delta in deltas.items():
             self.assign_sub(by_index[index], delta)
 
     def get_config(self):

@@ -34,7 +34,7 @@ def static_shapes(grads, variables):
     needs it."""
     return [
         g
-        if g is None or isinstance(g, tf.IndexedSlices)
+        if g is None or isinstance(g, tf.IndexedSlices) or g.shape.is_fully_defined()
         else tf.ensure_shape(g, v.shape)
         for g, v in zip(grads, variables)
     ]

@@ -2,6 +2,7 @@
 
 - `layout`: how variables are merged and blocked, and their factors;
 - `kronecker`: statistics and the one contraction both optimizers use;
-- `shampoo`: grafting, preconditioning and momentum for one variable;
+- `parts`: elementwise state (moments, grafting) per block shape;
+- `shampoo`: grafting, preconditioning and momentum;
 - `soap`: eigenbases, projections and the Adam step in the basis.
 """

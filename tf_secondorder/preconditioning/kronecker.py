@@ -133,9 +133,12 @@ def batched_statistics(layout, beta, grads, statistic, step):
     slot; rows of members without a gradient keep their value."""
     stacks, masks = to_stacks(layout, grads)
     updated = {}
+    weights = {}  # dtype -> (beta, 1 - beta), made once per dtype
     for number, blocks in stacks.items():
         group = layout.groups[number]
         dtype = tf.as_dtype(group.dtype)
+        if dtype not in weights:
+            weights[dtype] = (tf.constant(beta, dtype), tf.constant(1.0 - beta, dtype))
         blocks = tf.cast(blocks, dtype)
         for slot in group.slots:
             axis = layout.slots[slot].axis
@@ -145,7 +148,7 @@ def batched_statistics(layout, beta, grads, statistic, step):
             if beta == 1.0:
                 new = old + gram
             else:
-                new = beta * old + (1.0 - beta) * gram
+                new = weights[dtype][0] * old + weights[dtype][1] * gram
             if current.dtype == tf.bfloat16:
                 seed = tf.stack([step, tf.constant(slot, tf.int32)])
                 new = stochastic_round_to_bfloat16(new, seed)

@@ -9,9 +9,17 @@ axis of a group are the rows of one *slot*, a stacked state [rows, n, n]
 computation then runs once per group or slot, batched over its rows, so the
 traced graph grows with the number of distinct block shapes, not with the
 number of blocks.
+
+The elementwise state (Shampoo's grafting and momentum, SOAP's moments)
+lives in *parts*: a group's stack [count, *shape] holds the elements of its
+blocks, and one flat vector per dtype holds those of the variables without
+factors (vectors, left-out variables), concatenated in variable order. So
+that state, too, is one variable and one computation per part, not per
+model variable.
 """
 
 import dataclasses
+import math
 
 from tf_secondorder.linalg import BlockPartitioner, merge_dims
 
@@ -72,6 +80,36 @@ class BlockGroup:
     slots: tuple  # slot index of each axis in `axes`
 
 
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One piece of the elementwise state: a group's stack
+    (`kind == "stack"`, `index` the group) or the flat vector of the
+    variables without factors of one dtype (`kind == "flat"`, `index` into
+    `BlockLayout.flats`)."""
+
+    kind: str
+    index: int
+    shape: tuple
+    dtype: str
+
+    @property
+    def tag(self):
+        """A name for the part's variables, unique within a layout."""
+        if self.kind == "stack":
+            return f"g{self.index}_{'x'.join(str(d) for d in self.shape[1:])}"
+        return f"flat{self.index}_{self.dtype}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """Variables without factors of one dtype: `members` are (variable,
+    begin, size) in a vector of `size` elements."""
+
+    dtype: str
+    members: tuple
+    size: int
+
+
 @dataclasses.dataclass
 class VariablePlan:
     """How one variable is preconditioned. A variable with no factors (a
@@ -121,11 +159,13 @@ class BlockLayout:
         dtypes = dtypes or ["float32"] * len(shapes)
         preconditioned = preconditioned or [True] * len(shapes)
         grouped = {}  # key -> list of (variable, region index, count)
+        unfactored = []
         self.plans = []
         for variable, shape in enumerate(shapes):
             shape = tuple(int(d) for d in shape)
             if 0 in shape:
                 self.plans.append(VariablePlan(shape, [0], None, [], {}))
+                unfactored.append(variable)
                 continue
             merged = merge_dims(shape, block_size)
             partitioner = BlockPartitioner(merged, block_size)
@@ -138,10 +178,16 @@ class BlockLayout:
             plan = VariablePlan(shape, merged, partitioner, [], {})
             self.plans.append(plan)
             if not axes:
+                unfactored.append(variable)
                 continue
             for r, region in enumerate(partitioner.regions):
                 key = (region.block_shape, axes, dtypes[variable])
                 grouped.setdefault(key, []).append((variable, r, region.origins()))
+        flat = {}  # dtype -> [(variable, begin, size)]
+        for variable in unfactored:
+            members = flat.setdefault(dtypes[variable], [])
+            begin = members[-1][1] + members[-1][2] if members else 0
+            members.append((variable, begin, math.prod(self.plans[variable].shape)))
         self.groups, self.slots, self.factors = [], [], []
         for (shape, axes, dtype), entries in grouped.items():
             number = len(self.groups)
@@ -180,3 +226,19 @@ class BlockLayout:
             self.groups.append(
                 BlockGroup(shape, axes, dtype, tuple(members), offset, tuple(slots))
             )
+        self.flats = [
+            Flat(dtype, tuple(members), members[-1][1] + members[-1][2])
+            for dtype, members in flat.items()
+        ]
+        self.flat_of = {
+            variable: (index, begin, size)
+            for index, part in enumerate(self.flats)
+            for variable, begin, size in part.members
+        }
+        self.parts = [
+            Part("stack", n, (group.count, *group.shape), group.dtype)
+            for n, group in enumerate(self.groups)
+        ] + [
+            Part("flat", i, (part.size,), part.dtype)
+            for i, part in enumerate(self.flats)
+        ]

@@ -1,4 +1,4 @@
-"""Shampoo's per-step arithmetic for one variable, as pure tensor functions.
+"""Shampoo's per-step arithmetic, as pure tensor functions.
 
 Variables are read before and assigned after these calls, so they hold no
 state and run the same under any tf.distribute strategy, inside
@@ -11,6 +11,7 @@ import dataclasses
 import tensorflow as tf
 
 from tf_secondorder.preconditioning import kronecker
+from tf_secondorder.preconditioning import parts as elementwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,53 +25,63 @@ class Hyper:
 
 
 def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, lr):
-    """{variable: (new accumulator, new momentum, delta)} for the variables in
-    `grads` ({variable index: gradient}); the caller subtracts delta.
-    `accumulators` / `momenta` map a variable to its state, or None when
-    the grafting type or beta1 needs none (and so are the returned values);
-    `preconditioners` lists every slot's current roots ([rows, n, n]). One
-    `tf.cond` decides for all variables whether the start step has come.
+    """(new accumulators, new momenta, deltas) for the variables in `grads`
+    ({variable index: gradient}); the caller subtracts each delta from its
+    variable. The grafting accumulators and momenta are the layout's parts
+    ({part: tensor}; None when the grafting type or beta1 needs none, and
+    so are the returned ones); `preconditioners` lists every slot's current
+    roots ([rows, n, n]). Grafting and momentum run once per part; one
+    `tf.cond` decides for all of them whether the start step has come.
 
     Scalars that depend only on the step (bias corrections, the step size)
     are computed once per dtype."""
+    parts, masks = elementwise.to_parts(layout, grads)
     scalars = {}
     grafts, new_accumulators = {}, {}
-    for variable, grad in grads.items():
+    for key, grad in parts.items():
         constants = _step_scalars(scalars, grad.dtype, hyper, step, lr)
-        grafts[variable], new_accumulators[variable] = _graft(
-            grad, accumulators[variable], constants, hyper
-        )
+        old = None if accumulators is None else accumulators[key]
+        grafts[key], new = _graft(grad, old, constants, hyper)
+        if new is not None:
+            new_accumulators[key] = elementwise.keep_missing(masks.get(key), new, old)
     directions = dict(grafts)
-    with_factors = {v: g for v, g in grads.items() if layout.plans[v].factors}
-    if with_factors:
+    stacked = {k: g for k, g in parts.items() if layout.parts[k].kind == "stack"}
+    if stacked:
         directions.update(
             tf.cond(
                 step >= hyper.start_step,
                 lambda: _preconditioned(
-                    layout, hyper, with_factors, grafts, preconditioners
+                    layout, hyper, stacked, grafts, preconditioners
                 ),
-                lambda: {v: grafts[v] for v in with_factors},
+                lambda: {k: grafts[k] for k in stacked},
             )
         )
-    out = {}
-    for variable, grad in grads.items():
-        constants = scalars[grad.dtype]
-        direction = directions[variable]
-        new_momentum = None
+    new_momenta, steps = {}, {}
+    for key, direction in directions.items():
+        constants = scalars[direction.dtype]
         if hyper.beta1 > 0:
             beta1 = constants["beta1"]
             weight = constants["1-beta1"]
-            new_momentum = beta1 * momenta[variable] + weight * direction
+            old = momenta[key]
+            new = beta1 * old + weight * direction
+            new_momenta[key] = elementwise.keep_missing(masks.get(key), new, old)
             if hyper.nesterov:
-                direction = beta1 * new_momentum + weight * direction
+                direction = beta1 * new + weight * direction
             else:
-                direction = new_momentum
-        out[variable] = (
-            new_accumulators[variable],
-            new_momentum,
-            constants["step_size"] * direction,
-        )
-    return out
+                direction = new
+        steps[key] = constants["step_size"] * direction
+    deltas = elementwise.from_parts(
+        layout,
+        steps,
+        list(grads),
+        {v: g.shape for v, g in grads.items()},
+        {v: g.dtype for v, g in grads.items()},
+    )
+    if accumulators is None:
+        new_accumulators = None
+    if momenta is None:
+        new_momenta = None
+    return new_accumulators, new_momenta, deltas
 
 
 def _step_scalars(scalars, dtype, hyper, step, lr):
@@ -110,28 +121,21 @@ def _graft(grad, accumulator, constants, hyper):
     return grad / (tf.sqrt(second_moment) + constants["grafting_epsilon"]), new
 
 
-def _preconditioned(layout, hyper, grads, grafts, preconditioners):
-    """{variable: D}, D = G ×_i P_i block by block, for the variables in
-    `grads` (all with factors), with each block's D scaled to the norm of
-    the grafting update's block. Blocks of one shape from every variable
-    are one stack: a batched matmul per axis and group."""
-    shapes = {v: g.shape for v, g in grads.items()}
-    dtypes = {v: g.dtype for v, g in grads.items()}
-    stacks, _ = kronecker.to_stacks(layout, grads)
-    grafted = (
-        kronecker.to_stacks(layout, grafts)[0] if hyper.grafting is not None else {}
-    )
+def _preconditioned(layout, hyper, stacks, grafts, preconditioners):
+    """{part: D}, D = G ×_i P_i for every block of the stacks in `stacks`
+    ({part: [B, *shape]}), each block's D scaled to the norm of the
+    grafting update's block (`grafts`, the same parts): a batched matmul
+    per axis and group."""
     directions = {}
-    for number, blocks in stacks.items():
-        group = layout.groups[number]
+    for key, blocks in stacks.items():
+        group = layout.groups[layout.parts[key].index]
         matrices = [None] * len(group.shape)
         for axis, slot in zip(group.axes, group.slots):
             matrices[axis] = tf.cast(preconditioners[slot], blocks.dtype)
         direction = kronecker.contract(blocks, matrices)
         if hyper.grafting is not None:
-            target = kronecker.block_norms(grafted[number])
+            target = kronecker.block_norms(grafts[key])
             scale = target / (kronecker.block_norms(direction) + 1e-16)
             direction = kronecker.per_block(scale, direction)
-        directions[number] = direction
-    out = kronecker.from_stacks(layout, directions, list(grads), shapes)
-    return {v: tf.cast(d, dtypes[v]) for v, d in out.items()}
+        directions[key] = direction
+    return directions

@@ -12,6 +12,7 @@ import dataclasses
 import tensorflow as tf
 
 from tf_secondorder.preconditioning import kronecker
+from tf_secondorder.preconditioning import parts as elementwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,18 +32,18 @@ def _group_matrices(layout, number, bases, dtype):
     return matrices
 
 
-def permute_axes(layout, tensors, orders):
-    """{variable: tensor} with, per block, the entries along each factor's
-    axis reordered by that factor's order (new basis column k came from old
-    column order[k]); `orders` holds each slot's [rows, n] orders."""
-    stacks, _ = kronecker.to_stacks(layout, tensors)
-    for number, blocks in stacks.items():
-        group = layout.groups[number]
+def permute_axes(layout, stacks, orders):
+    """{part: stack} with, per block, the entries along each factor's axis
+    reordered by that factor's order (new basis column k came from old
+    column order[k]); `stacks` holds stacked parts, `orders` each slot's
+    [rows, n] orders."""
+    out = {}
+    for key, blocks in stacks.items():
+        group = layout.groups[layout.parts[key].index]
         for axis, slot in zip(group.axes, group.slots):
             blocks = tf.gather(blocks, orders[slot], axis=1 + axis, batch_dims=1)
-        stacks[number] = blocks
-    shapes = {v: t.shape for v, t in tensors.items()}
-    return kronecker.from_stacks(layout, stacks, list(tensors), shapes)
+        out[key] = blocks
+    return out
 
 
 def eigenbasis(statistics):
@@ -119,17 +120,18 @@ def _adam(constants, grad, momentum, second_moment):
 def update(
     layout, hyper, grads, momenta, second_moments, bases, step, lr, graft_moments=None
 ):
-    """{variable: (new momentum, new rotated second moment, new grafting
-    second moment or None, delta)} for the variables in `grads` ({variable:
-    gradient}); the caller subtracts delta.
+    """(new momenta, new second moments, new grafting second moments,
+    deltas) for the variables in `grads` ({variable: gradient}); the caller
+    subtracts each delta from its variable. The state is the layout's parts
+    ({part: tensor}; `graft_moments` only for the stacked parts, or None).
     The momentum lives in the parameter's own coordinates (projected each
     step, so it survives basis changes); the second moment in the basis,
-    stored in the parameter's shape block by block. Both start from zero at
-    the first basis (the caller resets them), as in the authors' code, so
-    their bias corrections count the steps since then: a first moment
-    carried over from the Adam steps before, divided by a second moment one
-    step old, would make steps of any size. `bases` lists every slot's
-    current bases.
+    block by block. Both start from zero at the first basis (the caller
+    resets them), as in the authors' code, so their bias corrections count
+    the steps since then: a first moment carried over from the Adam steps
+    before, divided by a second moment one step old, would make steps of
+    any size. `bases` lists every slot's current bases. Variables without
+    factors (the flat parts) take Adam's step.
 
     With `hyper.grafting`, each block's update is rescaled to the norm of
     Adam's update for that block (the same first moment over a second
@@ -139,78 +141,47 @@ def update(
     eigenbasis is shorter than Adam's wherever the gradient is concentrated
     on a few eigenvectors, and SOAP needs a larger learning rate."""
     constants = _Constants(hyper, step, lr)
-    new_momenta, new_second_moments, directions = {}, {}, {}
-    new_graft_moments = {}
-    for variable, grad in grads.items():
-        beta1 = constants.beta1(grad.dtype)
-        new_momenta[variable] = beta1 * momenta[variable] + (1.0 - beta1) * grad
-    with_factors = [v for v in grads if layout.plans[v].factors]
-    for variable in grads:
-        if variable in with_factors:
-            continue
-        # No basis: Adam.
-        new_second_moments[variable], directions[variable] = _adam(
-            constants,
-            grads[variable],
-            new_momenta[variable],
-            second_moments[variable],
-        )
-    if with_factors:
-        shapes = {v: grads[v].shape for v in with_factors}
-
-        def stacks(tensors):
-            return kronecker.to_stacks(layout, {v: tensors[v] for v in with_factors})[0]
-
-        grad_stacks = stacks(grads)
-        momentum_stacks = stacks(new_momenta)
-        second_moment_stacks = stacks(second_moments)
-        graft_stacks = {}
-        if hyper.grafting:
-            adam_directions = {}
-            for variable in with_factors:
-                new_graft_moments[variable], adam_directions[variable] = _adam(
-                    constants,
-                    grads[variable],
-                    new_momenta[variable],
-                    graft_moments[variable],
-                )
-            graft_stacks = stacks(adam_directions)
-        v_stacks, direction_stacks = {}, {}
-        for number, blocks in grad_stacks.items():
-            dtype = blocks.dtype
-            matrices = _group_matrices(layout, number, bases, dtype)
+    parts, masks = elementwise.to_parts(layout, grads)
+    new_momenta, new_second_moments, new_graft_moments = {}, {}, {}
+    steps = {}
+    for key, grad in parts.items():
+        dtype = grad.dtype
+        mask = masks.get(key)
+        beta1 = constants.beta1(dtype)
+        momentum = beta1 * momenta[key] + (1.0 - beta1) * grad
+        new_momenta[key] = elementwise.keep_missing(mask, momentum, momenta[key])
+        part = layout.parts[key]
+        if part.kind == "flat":
+            # No basis: Adam.
+            v, direction = _adam(constants, grad, momentum, second_moments[key])
+        else:
+            matrices = _group_matrices(layout, part.index, bases, dtype)
             beta2 = constants.beta2(dtype)
-            rotated = kronecker.contract(blocks, matrices)
-            v = beta2 * second_moment_stacks[number] + (1.0 - beta2) * tf.square(
-                rotated
-            )
-            v_stacks[number] = v
-            normalized = kronecker.contract(momentum_stacks[number], matrices) / (
+            rotated = kronecker.contract(grad, matrices)
+            v = beta2 * second_moments[key] + (1.0 - beta2) * tf.square(rotated)
+            normalized = kronecker.contract(momentum, matrices) / (
                 tf.sqrt(v) + constants.epsilon(dtype)
             )
             direction = kronecker.contract(normalized, matrices, back=True)
             if hyper.grafting:
+                graft, adam_direction = _adam(
+                    constants, grad, momentum, graft_moments[key]
+                )
+                new_graft_moments[key] = elementwise.keep_missing(
+                    mask, graft, graft_moments[key]
+                )
                 # ‖Q x‖ = ‖x‖ per block: the norm is taken in the basis.
-                scale = kronecker.block_norms(graft_stacks[number]) / (
+                scale = kronecker.block_norms(adam_direction) / (
                     kronecker.block_norms(normalized) + 1e-16
                 )
                 direction = kronecker.per_block(scale, direction)
-            direction_stacks[number] = direction
-        new_second_moments.update(
-            kronecker.from_stacks(layout, v_stacks, with_factors, shapes)
-        )
-        directions.update(
-            kronecker.from_stacks(layout, direction_stacks, with_factors, shapes)
-        )
-    out = {}
-    for variable, grad in grads.items():
-        rotated = bool(layout.plans[variable].factors)
-        step_size = constants.step_size(grad.dtype, rotated)
-        direction = directions[variable]
-        out[variable] = (
-            new_momenta[variable],
-            new_second_moments[variable],
-            new_graft_moments.get(variable),
-            step_size * direction,
-        )
-    return out
+        new_second_moments[key] = elementwise.keep_missing(mask, v, second_moments[key])
+        steps[key] = constants.step_size(dtype, part.kind == "stack") * direction
+    deltas = elementwise.from_parts(
+        layout,
+        steps,
+        list(grads),
+        {v: g.shape for v, g in grads.items()},
+        {v: g.dtype for v, g in grads.items()},
+    )
+    return new_momenta, new_second_moments, new_graft_moments, deltas
