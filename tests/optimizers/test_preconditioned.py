@@ -200,3 +200,26 @@ def test_variables_without_a_gradient_keep_their_state(make):
         np.testing.assert_array_equal(rows(new), rows(old), err_msg=variable.path)
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
+def test_a_side_of_length_one_gets_no_factor(make):
+    """257 rows in blocks of 256 leave a 1-row block: its 1×1 factor would
+    couple nothing (and TensorFlow's eigh of a 1×1 inside a traced cond
+    returned an empty basis, which broke the host's install). The run,
+    with roots computed on the host and installed between steps, trains."""
+    layout = BlockLayout([(257, 16)], 256)
+    assert {f.size for f in layout.factors} == {256, 16}
+    assert sorted(g.axes for g in layout.groups) == [(0, 1), (1,)]
+    model = keras.Sequential(
+        [keras.Input((257,)), keras.layers.Dense(16, use_bias=False)]
+    )
+    optimizer = make(learning_rate=1e-2, precondition_frequency=2, refresh_delay=1)
+    model.compile(optimizer=optimizer, loss="mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 257)).astype("float32")
+    y = x[:, :16]
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert int(optimizer._refreshes.numpy()) >= 3
+    assert int(optimizer.root_failures.numpy()) == 0
+    assert np.isfinite(model.get_weights()[0]).all()

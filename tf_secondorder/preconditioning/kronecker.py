@@ -72,7 +72,7 @@ def to_stacks(layout, tensors, dtype=None):
     pieces = {}
     for variable, tensor in tensors.items():
         plan = layout.plans[variable]
-        if not plan.factors:
+        if not plan.members:
             continue
         stacks = plan.partitioner.partition(tf.reshape(tensor, plan.merged_shape))
         for r, stack in enumerate(stacks):

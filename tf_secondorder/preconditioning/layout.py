@@ -115,7 +115,8 @@ class VariablePlan:
     """How one variable is preconditioned. A variable with no factors (a
     zero-size one, one left out, or one whose every axis is too long) is
     only grafted / Adam-updated. `members[r]` is (group, Member) of the
-    partitioner's region r."""
+    partitioner's region r; a variable with members has its blocks stacked
+    (a block whose every side is 1 is in a group without factors)."""
 
     shape: tuple
     merged_shape: list
@@ -181,7 +182,11 @@ class BlockLayout:
                 unfactored.append(variable)
                 continue
             for r, region in enumerate(partitioner.regions):
-                key = (region.block_shape, axes, dtypes[variable])
+                # A side of length 1 (a remainder row, e.g. 257 = 256 + 1)
+                # couples nothing: its 1×1 factor would only rescale the
+                # block (which grafting undoes) or flip its sign (a basis).
+                kept = tuple(a for a in axes if region.block_shape[a] > 1)
+                key = (region.block_shape, kept, dtypes[variable])
                 grouped.setdefault(key, []).append((variable, r, region.origins()))
         flat = {}  # dtype -> [(variable, begin, size)]
         for variable in unfactored:

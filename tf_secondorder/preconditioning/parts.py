@@ -54,7 +54,7 @@ def from_parts(layout, parts, variables, shapes, dtypes):
         for k, t in parts.items()
         if layout.parts[k].kind == "stack"
     }
-    stacked = [v for v in variables if layout.plans[v].factors]
+    stacked = [v for v in variables if layout.plans[v].members]
     out = kronecker.from_stacks(layout, stacks, stacked, shapes) if stacked else {}
     flat_key = {
         layout.parts[k].index: k for k in parts if layout.parts[k].kind == "flat"
