@@ -45,21 +45,22 @@ def to_parts(layout, tensors):
     return out, masks
 
 
-def from_parts(layout, parts, variables, shapes, dtypes):
-    """{variable: tensor of shapes[variable] in dtypes[variable]} for
-    `variables`, from `parts` (every part they reach): the inverse of
-    `to_parts`."""
+def from_parts(layout, parts, like):
+    """{variable: tensor with the shape and dtype of like[variable]} for the
+    variables in `like`, from `parts` (every part they reach): the inverse
+    of `to_parts`."""
+    shapes = {v: t.shape for v, t in like.items()}
     stacks = {
         layout.parts[k].index: t
         for k, t in parts.items()
         if layout.parts[k].kind == "stack"
     }
-    stacked = [v for v in variables if layout.plans[v].members]
+    stacked = [v for v in like if layout.plans[v].members]
     out = kronecker.from_stacks(layout, stacks, stacked, shapes) if stacked else {}
     flat_key = {
         layout.parts[k].index: k for k in parts if layout.parts[k].kind == "flat"
     }
-    for variable in variables:
+    for variable in like:
         if variable in out:
             continue
         number, begin, size = layout.flat_of[variable]
@@ -67,7 +68,7 @@ def from_parts(layout, parts, variables, shapes, dtypes):
         if size != layout.flats[number].size:
             vector = vector[begin : begin + size]
         out[variable] = tf.reshape(vector, shapes[variable])
-    return {v: tf.cast(t, dtypes[v]) for v, t in out.items()}
+    return {v: tf.cast(t, like[v].dtype) for v, t in out.items()}
 
 
 def keep_missing(mask, new, old):

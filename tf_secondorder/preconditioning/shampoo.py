@@ -70,13 +70,7 @@ def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, l
             else:
                 direction = new
         steps[key] = constants["step_size"] * direction
-    deltas = elementwise.from_parts(
-        layout,
-        steps,
-        list(grads),
-        {v: g.shape for v, g in grads.items()},
-        {v: g.dtype for v, g in grads.items()},
-    )
+    deltas = elementwise.from_parts(layout, steps, grads)
     if accumulators is None:
         new_accumulators = None
     if momenta is None:

@@ -177,11 +177,5 @@ def update(
                 direction = kronecker.per_block(scale, direction)
         new_second_moments[key] = elementwise.keep_missing(mask, v, second_moments[key])
         steps[key] = constants.step_size(dtype, part.kind == "stack") * direction
-    deltas = elementwise.from_parts(
-        layout,
-        steps,
-        list(grads),
-        {v: g.shape for v, g in grads.items()},
-        {v: g.dtype for v, g in grads.items()},
-    )
+    deltas = elementwise.from_parts(layout, steps, grads)
     return new_momenta, new_second_moments, new_graft_moments, deltas
