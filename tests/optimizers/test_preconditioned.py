@@ -230,8 +230,8 @@ def test_variables_without_a_gradient_keep_their_state(make):
 @pytest.mark.parametrize("make", [tfso.Shampoo, tfso.SOAP], ids=["shampoo", "soap"])
 def test_a_side_of_length_one_gets_no_factor(make):
     """257 rows in blocks of 256 leave a 1-row block: its 1×1 factor would
-    couple nothing (and TensorFlow's eigh of a 1×1 inside a traced cond
-    returned an empty basis, which broke the host's install). The run,
+    couple nothing (and SOAP's eigenbasis of a 1×1 inside a traced cond
+    came back empty from TensorFlow, which broke the host's install). The run,
     with roots computed on the host and installed between steps, trains."""
     layout = BlockLayout([(257, 16)], 256)
     assert {f.size for f in layout.factors} == {256, 16}
