@@ -172,9 +172,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         return super().apply(grads, trainable_variables)
 
     def build(self, var_list):
-        """The stacked per-block state (statistics; roots or bases and the
-        refresh's snapshot come with the subclass and `RootRefresh`); the
-        subclass adds its elementwise state per part (`add_part_variables`)."""
+        """The statistics, stacked per slot; subclasses add the rest."""
         if self.built:
             return
         super().build(var_list)
@@ -206,16 +204,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     def add_part_variables(self, what, kind=None):
         """Zero-initialised elementwise state (such as momentum): a variable
         per part of the layout, or per part of `kind` (None elsewhere)."""
+        add = self.add_variable
         return [
-            self.add_variable(
-                part.shape,
-                initializer="zeros",
-                dtype=part.dtype,
-                name=f"{part.tag}_{what}",
-            )
-            if kind in (None, part.kind)
+            add(p.shape, initializer="zeros", dtype=p.dtype, name=f"{p.tag}_{what}")
+            if kind in (None, p.kind)
             else None
-            for part in self._layout.parts
+            for p in self._layout.parts
         ]
 
     @property
@@ -337,7 +331,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self._layout,
             self.statistics_beta,
             present,
-            lambda slot: unpack(self._layout, slot, self._statistics[slot]),
+            self.statistic,
             self.step_number(),
         )
         for slot, value in updated.items():
@@ -378,8 +372,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     def refresh(self, items, statistic, current, refresh_step):
         """(dict item -> tuple of tensors, dict item -> [rows] bool rejected)
-        for items
-        (slot, begin, end): rows [begin, end) of a slot, from
+        for items (slot, begin, end): rows [begin, end) of a slot, from
         `statistic(slot)` ([rows, n, n]) and the slot's current tensors
         `current(slot)`; `refresh_step` is the step whose statistics these
         are. A rejected row's tensors must equal its current ones. Pure:
