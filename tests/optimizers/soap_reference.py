@@ -37,9 +37,11 @@ class NumpySOAP:
         refresh_delay=None,
         grafting="adam",
     ):
-        # Pipelined: the bases of step t's statistics are first used at step
-        # t + delay; in the step: at step t.
-        self.delay = 0
+        # The bases of step t's statistics are first used at step t + delay:
+        # pipelined, after the host computed them; in the step, at t + 1
+        # (they are computed after step t's update, as in the authors' code,
+        # which never applies a basis to the gradient it came from).
+        self.delay = 1
         if root_refresh != "in_step":
             self.delay = refresh_delay or min(10, precondition_frequency)
         self.pending = None

@@ -161,15 +161,14 @@ def test_variables_without_a_gradient_keep_their_state(make):
     # differ by far more than rounding).
     shapes = [(20, 20), (20, 20), (6,), (6,)]
     initial = [rng.normal(size=s).astype("float32") for s in shapes]
-    # Roots (bases) from the first two steps' statistics, used from step 2
-    # on; no refresh later (SOAP's would reorder every block's second
-    # moment). Not from step 1: in the basis of one gradient's own
-    # statistics that gradient is diagonal, its other entries rounding
-    # noise, which SOAP's normalisation would blow up to full size.
+    # Roots (bases) from the first step's statistics: Shampoo's used from
+    # step 1, SOAP's from step 2 (a basis made in the step serves from the
+    # next); no refresh later (SOAP's would reorder every block's second
+    # moment).
     options = dict(
         learning_rate=0.05,
         precondition_frequency=100,
-        start_preconditioning_step=2,
+        start_preconditioning_step=1,
         root_refresh="in_step",
     )
     every = [keras.Variable(v) for v in initial]
@@ -187,7 +186,7 @@ def test_variables_without_a_gradient_keep_their_state(make):
         g = u @ spectrum @ v.T + 0.005 * rng.normal(size=shapes[i])
         return tf.constant(g, tf.float32)
 
-    for _ in range(2):  # every variable, up to the first basis (step 2)
+    for _ in range(2):  # every variable, up to SOAP's first use of a basis
         first = [gradient(i) for i in range(4)]
         whole.apply_gradients(zip(first, every))
         alone.apply_gradients(zip([first[0], first[2]], present))

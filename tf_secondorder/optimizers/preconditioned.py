@@ -225,10 +225,19 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         # int32: modular arithmetic on int64 is not available on TPU.
         return tf.cast(self.iterations, tf.int32) + 1
 
+    # Whether a refresh in the step runs after the step's update, so that
+    # its roots are first used at the next step and never meet the gradient
+    # that completed their statistics (SOAP, as its authors' code), rather
+    # than before it (Shampoo's roots precondition that gradient).
+    refresh_after_update = False
+
     @property
     def first_preconditioned_step(self):
         """The first step whose update uses refreshed roots (bases): the
-        start step, plus the delay when refreshes are pipelined."""
+        start step, plus the delay when refreshes are pipelined (one step
+        when the step refreshes after its update)."""
+        if self.refresh_delay_steps == 0 and self.refresh_after_update:
+            return self.start_step + 1
         return self.start_step + self.refresh_delay_steps
 
     @property
@@ -273,7 +282,8 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     # -- the update of all variables (cross-replica context) ---------------
 
     def update_variables(self, strategy, grads_and_vars, learning_rate):
-        """Statistics, then (on refresh steps) the refresh, then every variable.
+        """Statistics, then (on refresh steps) the refresh, then every
+        variable (the refresh last where `refresh_after_update`).
 
         The per-step work runs once per replica inside `extended.update`,
         where reads and assignments of mirrored variables act on that
@@ -310,8 +320,14 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 update_statistics,
                 no_op,
             )
-        self._root_refresh.in_step(strategy, number)
+        # Pipelined refreshes snapshot and install before the update: the
+        # roots installed at step t + d serve that step.
+        after = self.refresh_after_update and not self.refresh_delay_steps
+        if not after:
+            self._root_refresh.in_step(strategy, number)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))
+        if after:
+            self._root_refresh.in_step(strategy, number)
 
     def update_all(self, grads, variables, learning_rate):
         """Every variable's update from its gradient (one replica); by

@@ -41,9 +41,13 @@ class SOAP(PreconditionedOptimizer):
 
     Before the first refresh (and for parameters with no preconditioned
     dimension) this is Adam. At the first basis m and v start afresh from
-    zero (as in the authors' code) and t counts the steps since then. Keeping m unrotated (as the authors' code does)
-    makes it exact across basis changes; between refreshes it equals running
-    Adam's first moment on G'. A refresh whose matrices are non-finite is
+    zero (as in the authors' code) and t counts the steps since then. m is
+    kept in the parameter's coordinates, as in the authors' code, so that it
+    survives basis changes exactly; its copy M' in the basis is updated from
+    G' between refreshes (which equals m rotated, without projecting m at
+    every step) and projected afresh from m at each new basis. Under local
+    SGD, where m is averaged between refreshes, M' is m projected at every
+    step. A refresh whose matrices are non-finite is
     rejected (the old basis kept, `root_failures` incremented); a step with a
     NaN/Inf gradient is skipped and counted in `nonfinite_steps`. Under
     MirroredStrategy / MultiWorkerMirroredStrategy the refresh is split
@@ -58,8 +62,9 @@ class SOAP(PreconditionedOptimizer):
         epsilon: added to √v. Defaults to `1e-8`.
         block_size: longest block side. Defaults to `256` (as Shampoo).
         precondition_frequency: steps between basis refreshes. Defaults to 10.
-        start_preconditioning_step: first (1-based) step with a basis, from
-            the statistics including that step's gradient. Defaults to `1`.
+        start_preconditioning_step: the (1-based) step whose statistics,
+            that step's gradient included, give the first basis. Defaults
+            to `1`.
         statistics_frequency: after the first refresh, update the statistics
             only on steps t with t % statistics_frequency == 0 (before it,
             every step). Defaults to `1`.
@@ -87,7 +92,14 @@ class SOAP(PreconditionedOptimizer):
         root_refresh, refresh_delay: as in Shampoo, for the bases:
             pipelined by default (computed on the host from a snapshot of
             step t's statistics, installed at step t + d); until the first
-            bases arrive the update is Adam's.
+            bases arrive the update is Adam's. With `"in_step"` (and under
+            local SGD) the bases of step t's statistics are computed after
+            that step's update and first used at step t + 1 (as with a
+            delay of 1): a basis is never applied to the gradient that
+            completed its statistics. In that gradient's own basis the
+            gradient is diagonal up to rounding, and Adam's normalisation
+            there turns the rounding noise into full-size steps; the
+            authors' code skips the first step's update for this reason.
         compression, error_feedback, aggregation, average_every,
         average_warmup_steps, saddle_escape: what replicas send each other
             (`tfso.distribute.CommunicationConfig`). Under local SGD each
@@ -107,6 +119,9 @@ class SOAP(PreconditionedOptimizer):
         - Agarwal, Anil, Hazan, Koren, Zhang (2020). Disentangling Adaptive
           Gradient Methods from Learning Rates. arXiv:2002.11803 (grafting).
     """
+
+    # A basis refreshed in the step serves from the next step on.
+    refresh_after_update = True
 
     def __init__(
         self,
@@ -205,6 +220,16 @@ class SOAP(PreconditionedOptimizer):
         # second moment in the basis; or the flat vector of the variables
         # without factors): one variable and one update per part.
         self._momentums = self.add_part_variables("momentum")
+        # The first moment again, in the basis: updated from the projected
+        # gradient that the second moment needs anyway, it saves projecting
+        # the moment at every step; it is re-projected from the moment above
+        # at each new basis. Not under local SGD, where the moment above is
+        # averaged between refreshes and its projection is taken each step.
+        self._rotated_momentums = []
+        if not self.communication.local_sgd:
+            self._rotated_momentums = self.add_part_variables(
+                "rotated_momentum", kind="stack"
+            )
         self._second_moments = self.add_part_variables("rotated_second_moment")
         # Adam's second moment in the parameter's coordinates, for the
         # grafted step length; only the stacked parts (with a basis) need it.
@@ -291,27 +316,42 @@ class SOAP(PreconditionedOptimizer):
             variable = self._bases[slot]
             self.assign(variable, tf.cast(basis, variable.dtype))
             orders[slot] = order
-        # At the first basis both moments start afresh (as in the authors'
-        # code); later refreshes reorder the second moments with the columns.
-        first = tf.equal(refresh_step, self.start_step)
+        # At the first basis the moments start afresh (as in the authors'
+        # code); later refreshes reorder the second moments with the columns
+        # and project the first moment into the new bases.
         stacked = [
             k for k, part in enumerate(self._layout.parts) if part.kind == "stack"
         ]
-        permuted = kernels.permute_axes(
-            self._layout, {k: read(self._second_moments[k]) for k in stacked}, orders
-        )
-        for key in stacked:
-            second_moment, momentum = self._second_moments[key], self._momentums[key]
-            self.assign(
-                second_moment,
-                tf.where(first, tf.zeros_like(permuted[key]), permuted[key]),
+
+        def afresh():
+            for key in stacked:
+                for state in (
+                    self._second_moments,
+                    self._momentums,
+                    self._rotated_momentums,
+                    self._graft_moments,
+                ):
+                    if state:
+                        self.assign(state[key], tf.zeros_like(state[key]))
+
+        def carried():
+            permuted = kernels.permute_axes(
+                self._layout,
+                {k: read(self._second_moments[k]) for k in stacked},
+                orders,
             )
-            self.assign(
-                momentum, tf.where(first, tf.zeros_like(momentum), read(momentum))
-            )
-            if self._graft_moments:
-                graft = self._graft_moments[key]
-                self.assign(graft, tf.where(first, tf.zeros_like(graft), read(graft)))
+            for key in stacked:
+                self.assign(self._second_moments[key], permuted[key])
+            if self._rotated_momentums:
+                rotated = kernels.rotate_parts(
+                    self._layout,
+                    {k: read(self._momentums[k]) for k in stacked},
+                    [read(b) for b in self._bases],
+                )
+                for key in stacked:
+                    self.assign(self._rotated_momentums[key], rotated[key])
+
+        tf.cond(tf.equal(refresh_step, self.start_step), afresh, carried)
 
     def update_step(self, gradient, variable, learning_rate):
         """SOAP's update of one variable from its aggregated `gradient`: Adam's
@@ -322,11 +362,12 @@ class SOAP(PreconditionedOptimizer):
     def update_all(self, grads, variables, learning_rate):
         indices = [self._get_variable_index(v) for v in variables]
         by_index = dict(zip(indices, variables))
-        momenta, second_moments, grafts, deltas = kernels.update(
+        momenta, rotated, second_moments, grafts, deltas = kernels.update(
             self._layout,
             self._hyper,
             {i: dense(g, v) for i, g, v in zip(indices, grads, variables)},
             [read(m) for m in self._momentums],
+            [None if v is None else read(v) for v in self._rotated_momentums] or None,
             [read(v) for v in self._second_moments],
             [read(b) for b in self._bases],
             self.step_number(),
@@ -335,6 +376,8 @@ class SOAP(PreconditionedOptimizer):
         )
         for key, value in momenta.items():
             self.assign(self._momentums[key], value)
+        for key, value in rotated.items():
+            self.assign(self._rotated_momentums[key], value)
         for key, value in second_moments.items():
             self.assign(self._second_moments[key], value)
         for key, value in grafts.items():

@@ -32,6 +32,18 @@ def _group_matrices(layout, number, bases, dtype):
     return matrices
 
 
+def rotate_parts(layout, stacks, bases):
+    """{part: stack} of stacked parts ({part: [B, *shape]}) projected into
+    the bases (`bases`: every slot's [rows, n, n])."""
+    return {
+        key: kronecker.contract(
+            blocks,
+            _group_matrices(layout, layout.parts[key].index, bases, blocks.dtype),
+        )
+        for key, blocks in stacks.items()
+    }
+
+
 def permute_axes(layout, stacks, orders):
     """{part: stack} with, per block, the entries along each factor's axis
     reordered by that factor's order (new basis column k came from old
@@ -57,10 +69,12 @@ def refined_basis(statistics, previous):
     """One power-iteration step with QR from the previous bases (Vyas et al.,
     Algorithm 4): columns are first sorted by their Rayleigh quotients, largest
     first, and that order is returned so the second moments can follow."""
-    estimates = tf.reduce_sum(previous * tf.matmul(statistics, previous), axis=-2)
+    # S·Q once: its columns give the Rayleigh quotients, and reordered they
+    # are S times the sorted basis.
+    power = tf.matmul(statistics, previous)
+    estimates = tf.reduce_sum(previous * power, axis=-2)
     order = tf.argsort(estimates, axis=-1, direction="DESCENDING", stable=True)
-    sorted_previous = tf.gather(previous, order, axis=-1, batch_dims=1)
-    q, _ = tf.linalg.qr(tf.matmul(statistics, sorted_previous))
+    q, _ = tf.linalg.qr(tf.gather(power, order, axis=-1, batch_dims=1))
     return q, order
 
 
@@ -118,15 +132,26 @@ def _adam(constants, grad, momentum, second_moment):
 
 
 def update(
-    layout, hyper, grads, momenta, second_moments, bases, step, lr, graft_moments=None
+    layout,
+    hyper,
+    grads,
+    momenta,
+    rotated_momenta,
+    second_moments,
+    bases,
+    step,
+    lr,
+    graft_moments=None,
 ):
-    """(new momenta, new second moments, new grafting second moments,
-    deltas) for the variables in `grads` ({variable: gradient}); the caller
+    """(new momenta, new rotated momenta, new second moments, new grafting
+    second moments, deltas) for the variables in `grads` ({variable: gradient}); the caller
     subtracts each delta from its variable. The state is the layout's parts
     ({part: tensor}; `graft_moments` only for the stacked parts, or None).
-    The momentum lives in the parameter's own coordinates (projected each
-    step, so it survives basis changes); the second moment in the basis,
-    block by block. Both start from zero at the first basis (the caller
+    The momentum lives in the parameter's own coordinates (so it survives
+    basis changes); `rotated_momenta` ({stacked part: tensor}, or None) is
+    its copy in the basis, updated from the projected gradient (the caller
+    projects it afresh at each new basis; None: the momentum is projected
+    here), and the second moment lives in the basis, block by block. Both start from zero at the first basis (the caller
     resets them), as in the authors' code, so their bias corrections count
     the steps since then: a first moment carried over from the Adam steps
     before, divided by a second moment one step old, would make steps of
@@ -142,7 +167,7 @@ def update(
     on a few eigenvectors, and SOAP needs a larger learning rate."""
     constants = _Constants(hyper, step, lr)
     parts, masks = elementwise.to_parts(layout, grads)
-    new_momenta, new_second_moments, new_graft_moments = {}, {}, {}
+    new_momenta, new_rotated, new_second_moments, new_graft_moments = {}, {}, {}, {}
     steps = {}
     for key, grad in parts.items():
         dtype = grad.dtype
@@ -159,9 +184,16 @@ def update(
             beta2 = constants.beta2(dtype)
             rotated = kronecker.contract(grad, matrices)
             v = beta2 * second_moments[key] + (1.0 - beta2) * tf.square(rotated)
-            normalized = kronecker.contract(momentum, matrices) / (
-                tf.sqrt(v) + constants.epsilon(dtype)
-            )
+            if rotated_momenta is None:
+                rotated_momentum = kronecker.contract(momentum, matrices)
+            else:
+                rotated_momentum = (
+                    beta1 * rotated_momenta[key] + (1.0 - beta1) * rotated
+                )
+                new_rotated[key] = elementwise.keep_missing(
+                    mask, rotated_momentum, rotated_momenta[key]
+                )
+            normalized = rotated_momentum / (tf.sqrt(v) + constants.epsilon(dtype))
             direction = kronecker.contract(normalized, matrices, back=True)
             if hyper.grafting:
                 graft, adam_direction = _adam(
@@ -178,4 +210,4 @@ def update(
         new_second_moments[key] = elementwise.keep_missing(mask, v, second_moments[key])
         steps[key] = constants.step_size(dtype, part.kind == "stack") * direction
     deltas = elementwise.from_parts(layout, steps, grads)
-    return new_momenta, new_second_moments, new_graft_moments, deltas
+    return new_momenta, new_rotated, new_second_moments, new_graft_moments, deltas
