@@ -91,11 +91,9 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
 
     @property
     def refresh_seconds(self):
-        """Wall seconds spent computing refreshes so far by this process, in
-        the step (timed in the graph; not under XLA compilation, which has
-        no clock op) or on the host (pipelined). A float64 variable, not
-        saved with the state: it differs from run to run and worker to
-        worker."""
+        """Wall seconds this process spent computing refreshes, in the step
+        (not under XLA, which has no clock op) or on the host; a float64
+        variable, not saved (it differs from run to run)."""
         return self._root_refresh.clock.seconds
 
     @property
@@ -225,17 +223,14 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         # int32: modular arithmetic on int64 is not available on TPU.
         return tf.cast(self.iterations, tf.int32) + 1
 
-    # Whether a refresh in the step runs after the step's update, so that
-    # its roots are first used at the next step and never meet the gradient
-    # that completed their statistics (SOAP, as its authors' code), rather
-    # than before it (Shampoo's roots precondition that gradient).
+    # A refresh in the step after the update: roots never meet the gradient
+    # that completed their statistics (SOAP); before it, they do (Shampoo).
     refresh_after_update = False
 
     @property
     def first_preconditioned_step(self):
         """The first step whose update uses refreshed roots (bases): the
-        start step, plus the delay when refreshes are pipelined (one step
-        when the step refreshes after its update)."""
+        start step plus the delay (1 for a refresh after the update)."""
         if self.refresh_delay_steps == 0 and self.refresh_after_update:
             return self.start_step + 1
         return self.start_step + self.refresh_delay_steps
@@ -261,13 +256,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         that uses them is among the next `next_steps`, and installs them
         right before that step (in one process with one step per call;
         otherwise it hands them to that step, which installs them). Keep
-        `next_steps` as on the first call: a change from 1 is refused with
-        a ValueError. `fit` calls it itself. Without it the install
-        step computes the roots itself (counted in `refresh_waits`); once it
-        has been called, a step traced afterwards leaves that computation
-        out of its graph (a shorter first step) and keeps the previous roots
-        where a call was skipped: call it before every step, or never.
-        Returns whether it waited."""
+        `next_steps` as on the first call (a change from 1 is a ValueError).
+        `fit` calls it itself. Without it the install step computes the
+        roots (counted in `refresh_waits`); once called, a step traced later
+        leaves that out of its graph and keeps the old roots where a call
+        was skipped: call it before every step, or never. Returns whether
+        it waited."""
         validation.integer("next_steps", next_steps, 1)
         if not self.built:
             # Called before the first step builds the optimizer: that step
@@ -285,12 +279,10 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         """Statistics, then (on refresh steps) the refresh, then every
         variable (the refresh last where `refresh_after_update`).
 
-        The per-step work runs once per replica inside `extended.update`,
-        where reads and assignments of mirrored variables act on that
-        replica: all variables together, so that a subclass can decide once
-        for all of them (Shampoo: one `tf.cond` for the start step instead
-        of one per variable) and the blocks of one shape from every
-        variable are one stack (ops per block shape, not per block).
+        The per-step work runs once per replica inside `extended.update`
+        (where mirrored variables read and assign that replica's copy), for
+        all variables together: a subclass decides once for all of them, and
+        the blocks of one shape from every variable form one stack.
         """
         number = self.step_number()
         grads = [g for g, _ in grads_and_vars]
