@@ -228,12 +228,17 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     refresh_after_update = False
 
     @property
+    def refreshes_after_update(self):
+        """Whether this optimizer's refreshes run in the step, after its
+        update (pipelined ones install before it)."""
+        return self.refresh_after_update and not self.refresh_delay_steps
+
+    @property
     def first_preconditioned_step(self):
         """The first step whose update uses refreshed roots (bases): the
         start step plus the delay (1 for a refresh after the update)."""
-        if self.refresh_delay_steps == 0 and self.refresh_after_update:
-            return self.start_step + 1
-        return self.start_step + self.refresh_delay_steps
+        delay = 1 if self.refreshes_after_update else self.refresh_delay_steps
+        return self.start_step + delay
 
     @property
     def refresh_delay_steps(self):
@@ -312,9 +317,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
                 update_statistics,
                 no_op,
             )
-        # Pipelined refreshes snapshot and install before the update: the
-        # roots installed at step t + d serve that step.
-        after = self.refresh_after_update and not self.refresh_delay_steps
+        after = self.refreshes_after_update
         if not after:
             self._root_refresh.in_step(strategy, number)
         on_each_replica(lambda own: self.update_all(own, variables, learning_rate))

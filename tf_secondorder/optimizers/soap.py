@@ -47,11 +47,11 @@ class SOAP(PreconditionedOptimizer):
     G' between refreshes (which equals m rotated, without projecting m at
     every step) and projected afresh from m at each new basis. Under local
     SGD, where m is averaged between refreshes, M' is m projected at every
-    step. A refresh whose matrices are non-finite is
-    rejected (the old basis kept, `root_failures` incremented); a step with a
-    NaN/Inf gradient is skipped and counted in `nonfinite_steps`. Under
-    MirroredStrategy / MultiWorkerMirroredStrategy the refresh is split
-    across replicas like Shampoo's roots (`distribute_roots`).
+    step. A refresh whose matrices are non-finite is rejected (the old basis
+    kept, `root_failures` incremented); a step with a NaN/Inf gradient is
+    skipped and counted in `nonfinite_steps`. Under MirroredStrategy /
+    MultiWorkerMirroredStrategy the refresh is split across replicas like
+    Shampoo's roots (`distribute_roots`).
 
     Args:
         learning_rate: float, schedule or callable. Defaults to `0.003`.
