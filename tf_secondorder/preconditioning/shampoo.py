@@ -44,31 +44,36 @@ def update(layout, hyper, grads, accumulators, momenta, preconditioners, step, l
         grafts[key], new = _graft(grad, old, constants, hyper)
         if new is not None:
             new_accumulators[key] = elementwise.keep_missing(masks.get(key), new, old)
-    directions = dict(grafts)
+    # What each part adds to its momentum, (1 − β1)·D: one multiply per
+    # element carries the momentum's weight with the grafting step's bias
+    # correction, or with the per-block rescaling of a preconditioned D.
     stacked = {k: g for k, g in parts.items() if layout.parts[k].kind == "stack"}
+    contributions = {
+        key: _grafted(scalars, graft)
+        for key, graft in grafts.items()
+        if key not in stacked
+    }
     if stacked:
-        directions.update(
+        contributions.update(
             tf.cond(
                 step >= hyper.start_step,
                 lambda: _preconditioned(
-                    layout, hyper, stacked, grafts, preconditioners
+                    layout, hyper, scalars, stacked, grafts, preconditioners
                 ),
-                lambda: {k: grafts[k] for k in stacked},
+                lambda: {k: _grafted(scalars, grafts[k]) for k in stacked},
             )
         )
     new_momenta, steps = {}, {}
-    for key, direction in directions.items():
-        constants = scalars[direction.dtype]
+    for key, contribution in contributions.items():
+        constants = scalars[contribution.dtype]
+        direction = contribution
         if hyper.beta1 > 0:
-            beta1 = constants["beta1"]
-            weight = constants["1-beta1"]
             old = momenta[key]
-            new = beta1 * old + weight * direction
+            new = constants["beta1"] * old + contribution
             new_momenta[key] = elementwise.keep_missing(masks.get(key), new, old)
+            direction = new
             if hyper.nesterov:
-                direction = beta1 * new + weight * direction
-            else:
-                direction = new
+                direction = constants["beta1"] * new + contribution
         steps[key] = constants["step_size"] * direction
     deltas = elementwise.from_parts(layout, steps, grads)
     if accumulators is None:
@@ -88,20 +93,28 @@ def _step_scalars(scalars, dtype, hyper, step, lr):
         if hyper.beta1 > 0:
             step_size = step_size / (1.0 - tf.pow(beta1, t))
         constants["step_size"] = step_size
+        # Adam's update g / (√(v / c) + ε) equals √c · g / (√v + ε·√c), with
+        # c = 1 − β2^t: `_graft` returns the fraction, and √c (`graft_factor`)
+        # multiplies a scalar later instead of every element of v.
+        factor = tf.constant(1.0, dtype)
         if hyper.grafting in ("rmsprop", "adam", "adagrad"):
             beta2 = tf.constant(hyper.beta2, dtype)
             constants["beta2"] = beta2
             constants["1-beta2"] = 1.0 - beta2
-            constants["second_moment_correction"] = None
+            epsilon = tf.constant(hyper.grafting_epsilon, dtype)
             if hyper.grafting == "adam" and hyper.beta2 < 1.0:
-                constants["second_moment_correction"] = 1.0 - tf.pow(beta2, t)
-            constants["grafting_epsilon"] = tf.constant(hyper.grafting_epsilon, dtype)
+                factor = tf.sqrt(1.0 - tf.pow(beta2, t))
+                epsilon = epsilon * factor
+            constants["grafting_epsilon"] = epsilon
+        constants["graft_factor"] = factor
+        constants["graft_weight"] = constants["1-beta1"] * factor
         scalars[dtype] = constants
     return scalars[dtype]
 
 
 def _graft(grad, accumulator, constants, hyper):
-    """The grafting optimizer's update and its new accumulator."""
+    """The grafting optimizer's update divided by `graft_factor`, and its
+    new accumulator."""
     if hyper.grafting in ("sgd", None):
         return grad, None
     beta2 = constants["beta2"]
@@ -109,27 +122,33 @@ def _graft(grad, accumulator, constants, hyper):
         new = accumulator + tf.square(grad)
     else:
         new = beta2 * accumulator + constants["1-beta2"] * tf.square(grad)
-    second_moment = new
-    if constants["second_moment_correction"] is not None:
-        second_moment = new / constants["second_moment_correction"]
-    return grad / (tf.sqrt(second_moment) + constants["grafting_epsilon"]), new
+    return grad / (tf.sqrt(new) + constants["grafting_epsilon"]), new
 
 
-def _preconditioned(layout, hyper, stacks, grafts, preconditioners):
-    """{part: D}, D = G ×_i P_i for every block of the stacks in `stacks`
-    ({part: [B, *shape]}), each block's D scaled to the norm of the
-    grafting update's block (`grafts`, the same parts): a batched matmul
+def _grafted(scalars, graft):
+    """(1 − β1) times the grafting optimizer's update."""
+    return scalars[graft.dtype]["graft_weight"] * graft
+
+
+def _preconditioned(layout, hyper, scalars, stacks, grafts, preconditioners):
+    """{part: (1 − β1)·D}, D = G ×_i P_i for every block of the stacks in
+    `stacks` ({part: [B, *shape]}), each block's D scaled to the norm of
+    the grafting update's block (`grafts`, the same parts): a batched matmul
     per axis and group."""
-    directions = {}
+    contributions = {}
     for key, blocks in stacks.items():
+        constants = scalars[blocks.dtype]
         group = layout.groups[layout.parts[key].index]
         matrices = [None] * len(group.shape)
         for axis, slot in zip(group.axes, group.slots):
             matrices[axis] = tf.cast(preconditioners[slot], blocks.dtype)
         direction = kronecker.contract(blocks, matrices)
-        if hyper.grafting is not None:
-            target = kronecker.block_norms(grafts[key])
-            scale = target / (kronecker.block_norms(direction) + 1e-16)
-            direction = kronecker.per_block(scale, direction)
-        directions[key] = direction
-    return directions
+        if hyper.grafting is None:
+            contributions[key] = constants["1-beta1"] * direction
+            continue
+        target = constants["graft_factor"] * kronecker.block_norms(grafts[key])
+        scale = target / (kronecker.block_norms(direction) + 1e-16)
+        contributions[key] = kronecker.per_block(
+            constants["1-beta1"] * scale, direction
+        )
+    return contributions

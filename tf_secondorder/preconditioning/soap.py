@@ -176,6 +176,8 @@ def update(
         momentum = beta1 * momenta[key] + (1.0 - beta1) * grad
         new_momenta[key] = elementwise.keep_missing(mask, momentum, momenta[key])
         part = layout.parts[key]
+        step_size = constants.step_size(dtype, part.kind == "stack")
+        grafted_step = None
         if part.kind == "flat":
             # No basis: Adam.
             v, direction = _adam(constants, grad, momentum, second_moments[key])
@@ -202,12 +204,16 @@ def update(
                 new_graft_moments[key] = elementwise.keep_missing(
                     mask, graft, graft_moments[key]
                 )
-                # ‖Q x‖ = ‖x‖ per block: the norm is taken in the basis.
+                # ‖Q x‖ = ‖x‖ per block: the norm is taken in the basis. The
+                # step size rides on the per-block scale: one multiply.
                 scale = kronecker.block_norms(adam_direction) / (
                     kronecker.block_norms(normalized) + 1e-16
                 )
-                direction = kronecker.per_block(scale, direction)
+                grafted_step = kronecker.per_block(step_size * scale, direction)
         new_second_moments[key] = elementwise.keep_missing(mask, v, second_moments[key])
-        steps[key] = constants.step_size(dtype, part.kind == "stack") * direction
+        if grafted_step is None:
+            steps[key] = step_size * direction
+        else:
+            steps[key] = grafted_step
     deltas = elementwise.from_parts(layout, steps, grads)
     return new_momenta, new_rotated, new_second_moments, new_graft_moments, deltas
