@@ -247,3 +247,58 @@ def test_a_driver_that_stops_waiting_leaves_the_roots_as_they_are(name):
     for view in factor_views(optimizer, KIND[name]):
         np.testing.assert_array_equal(view.numpy(), np.eye(view.size))
     assert all(np.isfinite(w).all() for w in weights_of(model))
+
+
+def _counted_loop(next_steps, resync_every_call, nan_steps=()):
+    """40 steps, refreshes every 10 from step 10, delay 2, the driver called
+    before every `next_steps` steps; a step in `nan_steps` (counted from 1
+    over all steps run) gets a NaN batch and is skipped whole, so that
+    `iterations` falls behind the driver's count."""
+    x, y = regression_data()
+    model = mlp()
+    optimizer = tfso.Shampoo(
+        learning_rate=0.01, precondition_frequency=10, block_size=8, refresh_delay=2
+    )
+    step = tape_step(model, optimizer, keras.losses.MeanSquaredError())
+    for i in range(40):
+        if i % next_steps == 0:
+            optimizer.advance_root_pipeline(next_steps, resync=resync_every_call)
+        b = (16 * i) % len(x)
+        xb = x[b : b + 16] * (np.nan if i + 1 in nan_steps else 1.0)
+        step(xb, y[b : b + 16])
+    return model, optimizer
+
+
+@pytest.mark.parametrize("next_steps", [1, 2])
+# Skipped: the snapshot step 10; then step 12's install (step 13 run) and
+# the snapshot step 20 (step 22 run).
+@pytest.mark.parametrize("nan_steps", [(), (10, 13, 22)])
+def test_the_driver_reads_the_step_counter_only_around_refreshes(next_steps, nan_steps):
+    """Reading `iterations` waits for the running step on an accelerator, so
+    the driver counts the steps in Python and reads the counters only when
+    a snapshot or an install can be due: on its first call and a few times
+    per refresh, not before every call. The run equals one whose driver
+    reads them before every call, bit for bit, also when skipped steps
+    leave `iterations` behind the driver's count."""
+    model, optimizer = _counted_loop(next_steps, False, nan_steps)
+    reference, every_call = _counted_loop(next_steps, True, nan_steps)
+    for a, b in zip(weights_of(model), weights_of(reference)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(optimizer.variables, every_call.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    # Snapshots every 10 steps taken, each installed 2 steps later (the
+    # last one of a run without NaN is still pending at the end).
+    refreshes = (40 - len(nan_steps)) // 10
+    assert int(optimizer.refreshes.numpy()) == refreshes
+    assert int(optimizer.nonfinite_steps.numpy()) == len(nan_steps)
+    roots = factor_views(optimizer, "preconditioner")
+    assert not any(np.allclose(r.numpy(), np.eye(r.size)) for r in roots)
+    calls = 40 // next_steps
+    # The first call comes before the first step builds the optimizer.
+    assert every_call._root_refresh.host.counter_reads == calls - 1
+    # Its first call, then per refresh the calls that find the snapshot,
+    # hand the roots over (several steps per call) and install (or wait),
+    # and one more per call where a skipped step kept an event one step
+    # away.
+    reads = optimizer._root_refresh.host.counter_reads
+    assert reads <= 1 + 3 * refreshes + len(nan_steps), reads

@@ -26,13 +26,22 @@ class RootPipeline(keras.callbacks.Callback):
         if optimizer is not None and not optimizer.built:
             with self.model.distribute_strategy.scope():
                 optimizer.build(self.model.trainable_variables)
-        self.on_train_batch_begin(0)
+        self._advance(resync=True)
+        # The driver counts steps in Python between its reads of the step
+        # counter; a callback may restore a checkpoint in its own
+        # `on_train_begin` (BackupAndRestore), before or after this one, so
+        # the first batch reads the counter afresh.
+        self._first_batch = True
 
     def on_train_batch_begin(self, batch, logs=None):
+        self._advance(resync=getattr(self, "_first_batch", False))
+        self._first_batch = False
+
+    def _advance(self, resync=False):
         optimizer = self._optimizer()
         if hasattr(optimizer, "advance_root_pipeline"):
             steps = getattr(self.model, "steps_per_execution", 1) or 1
-            optimizer.advance_root_pipeline(int(steps))
+            optimizer.advance_root_pipeline(int(steps), resync=resync)
 
 
 def pipelines_roots(optimizer):

@@ -80,6 +80,19 @@ class HostRefresh:
             (tf.distribute.MirroredStrategy, tf.distribute.OneDeviceStrategy),
         )
         self._job = None  # (refresh step, future)
+        # Reading `iterations` or the pending refresh step copies them from
+        # the device and so waits for the running step: on an accelerator
+        # one such read per step would stop the host from queueing the next
+        # step ahead. The driver keeps in Python an upper bound on the steps
+        # done (the last value read plus each call's `next_steps`) and reads
+        # only when a snapshot or an install can be due by that bound.
+        self._steps_bound = None  # None: read at the next call
+        self._call_steps = 0
+        self._next_snapshot = 0
+        # The refresh step whose roots were handed to the step (the value
+        # `_ready_step` holds, known here without reading it).
+        self._finished_step = 0
+        self.counter_reads = 0
         self._function = None
         self._installer_function = None
 
@@ -129,21 +142,27 @@ class HostRefresh:
                 "traced for single steps (the roots are installed between "
                 f"steps); received {next_steps}"
             )
-        if self._function is None and int(self.optimizer.iterations.numpy()) > 0:
+        if self._steps_bound is not None:
+            self._steps_bound += self._call_steps
+        self._call_steps = next_steps
+        if self._function is None and self._steps_bound:
             # After the first step, whose tracing it would slow (the GIL).
             self._prepare()
-        refresh_step = int(self.root_refresh.snapshot_step.numpy())
-        if refresh_step == 0 or (
-            not self.installs and int(self._ready_step.numpy()) == refresh_step
-        ):
+        if self._steps_bound is not None and not self._may_be_due(next_steps):
             return False
-        if self._function is None:
+        done_steps, refresh_step = self._read_counters()
+        if self._function is None and done_steps > 0:
             self._prepare()
+        if refresh_step in (0, self._finished_step):
+            if refresh_step == 0:  # installed, or missed and dropped
+                self._job = None
+            self._next_snapshot = self._due_after(done_steps)
+            return False
+        self._next_snapshot = self._due_after(max(done_steps, refresh_step))
         if self._job is None or self._job[0] != refresh_step:
             self._start(refresh_step)
         _, future = self._job
         install = refresh_step + self.root_refresh.delay
-        done_steps = int(self.optimizer.iterations.numpy())
         waited = False
         if not future.done():
             if done_steps + next_steps < install:
@@ -162,7 +181,42 @@ class HostRefresh:
             self._collect(refresh_step, future.result())
         elif done_steps + 1 == install:
             self._install(refresh_step, future.result())
+            self._job = None
         return waited
+
+    def resync(self):
+        """Forgets what the driver knows of the step counter, so that its
+        next call reads it (after a checkpoint is restored into a running
+        optimizer)."""
+        self._steps_bound = None
+
+    def _may_be_due(self, next_steps):
+        """Whether, with at most `_steps_bound` steps done, a snapshot may
+        be waiting for the host or the pending roots may be needed (or
+        collectable) within the next `next_steps` steps. Decided from the
+        bound alone: the counters are read only when this holds."""
+        if self._job is not None and self._job[0] != self._finished_step:
+            refresh_step, future = self._job
+            install = refresh_step + self.root_refresh.delay
+            if not self.installs and future.done():
+                return True  # hand the roots over now
+            return self._steps_bound + next_steps >= install
+        return self._steps_bound >= self._next_snapshot
+
+    def _read_counters(self):
+        """(steps done, pending refresh step): a copy from the device that
+        waits for the running step, so done only where `_may_be_due`."""
+        self.counter_reads += 1
+        done_steps = int(self.optimizer.iterations.numpy())
+        self._steps_bound = done_steps
+        return done_steps, int(self.root_refresh.snapshot_step.numpy())
+
+    def _due_after(self, steps):
+        """The first refresh step after `steps` done steps."""
+        start, frequency = self.root_refresh.start, self.root_refresh.frequency
+        if steps < start:
+            return start
+        return start + ((steps - start) // frequency + 1) * frequency
 
     def _prepare(self):
         """The thread and its function, traced there at once (from the
@@ -273,4 +327,5 @@ class HostRefresh:
                 variable.assign(tf.cast(value, variable.dtype))
             self._rejected[slot].assign(rejected)
         self._ready_step.assign(refresh_step)
+        self._finished_step = refresh_step
         self.root_refresh.clock.seconds.assign_add(seconds)

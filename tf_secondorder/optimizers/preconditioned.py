@@ -253,7 +253,7 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
     # Steps a pipelined refresh has to compute its roots by default.
     default_refresh_delay = 10
 
-    def advance_root_pipeline(self, next_steps=1):
+    def advance_root_pipeline(self, next_steps=1, resync=False):
         """With pipelined refreshes, call between the steps of a custom
         training loop (`strategy.run` or `apply_gradients`), before a call
         that runs `next_steps` steps: it starts the host's computation of
@@ -265,8 +265,13 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         `fit` calls it itself. Without it the install step computes the
         roots (counted in `refresh_waits`); once called, a step traced later
         leaves that out of its graph and keeps the old roots where a call
-        was skipped: call it before every step, or never. Returns whether
-        it waited."""
+        was skipped: call it before every step, or never.
+
+        It reads the step counter (which waits for the running step on an
+        accelerator) only where a refresh can be due, counting the steps
+        run since in Python; after restoring a checkpoint into this
+        optimizer mid-run, pass `resync=True` once. Returns whether it
+        waited."""
         validation.integer("next_steps", next_steps, 1)
         if not self.built:
             # Called before the first step builds the optimizer: that step
@@ -274,9 +279,12 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
             self._root_pipeline_driven = True
             self._root_pipeline_span = getattr(self, "_root_pipeline_span", next_steps)
             return False
-        if self._root_refresh.host is None:
+        host = self._root_refresh.host
+        if host is None:
             return False
-        return self._root_refresh.host.advance(next_steps)
+        if resync:
+            host.resync()
+        return host.advance(next_steps)
 
     # -- the update of all variables (cross-replica context) ---------------
 
