@@ -270,8 +270,10 @@ class PreconditionedOptimizer(CommunicatingOptimizer, keras.optimizers.Optimizer
         It reads the step counter (which waits for the running step on an
         accelerator) only where a refresh can be due, counting the steps
         run since in Python; after restoring a checkpoint into this
-        optimizer mid-run, pass `resync=True` once. Returns whether it
-        waited."""
+        optimizer mid-run, pass `resync=True` once. A skipped call or a
+        `next_steps` below the steps a call runs can make it read too late:
+        the install step then keeps the old roots (counted in
+        `refresh_waits`). Returns whether it waited."""
         validation.integer("next_steps", next_steps, 1)
         if not self.built:
             # Called before the first step builds the optimizer: that step
